@@ -1,0 +1,33 @@
+"""fastnest: Matryoshka multimodal training and inference in one packed pass."""
+
+from .attention import VarlenInfo, varlen_attention
+from .hf import MatryoshkaCausalLMOutput, patch, patch_llava, set_scale, unpatch
+from .loss import grouped_cross_entropy
+from .packing import IGNORE_INDEX, MatryoshkaPlan, PackedSequences, pack_sequences, pad_packed, plan_matryoshka
+from .pooling import multiscale_pool
+from .projector import matryoshka_project
+from .scales import DEFAULT_SCALES, MatryoshkaScales, allowed_scales
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "IGNORE_INDEX",
+    "MatryoshkaCausalLMOutput",
+    "MatryoshkaPlan",
+    "MatryoshkaScales",
+    "PackedSequences",
+    "VarlenInfo",
+    "allowed_scales",
+    "grouped_cross_entropy",
+    "matryoshka_project",
+    "multiscale_pool",
+    "pack_sequences",
+    "pad_packed",
+    "patch",
+    "patch_llava",
+    "plan_matryoshka",
+    "set_scale",
+    "unpatch",
+    "varlen_attention",
+]

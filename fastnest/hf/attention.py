@@ -1,0 +1,74 @@
+"""Hugging Face attention hook: the packed language-model forward routes through fastnest.attention.
+
+Patching sets the text config's attention implementation to ``fastnest:<inner>``. Calls that carry a
+``fastnest_varlen`` kwarg (the packed training step) run per-sequence varlen attention; every other call
+(inference, generation) goes to the model's own ``<inner>`` implementation unchanged. Keeping the choice in
+the layer's kwargs, not in global state, keeps gradient-checkpointing recomputation correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..attention import varlen_attention
+
+PREFIX = "fastnest:"
+VARLEN_KWARG = "fastnest_varlen"
+_PACKED = contextvars.ContextVar("fastnest_packed", default=False)
+
+
+@contextlib.contextmanager
+def packed_forward() -> Iterator[None]:
+    """While active, mask creation returns None: packed sequences are kept apart by varlen attention."""
+    token = _PACKED.set(True)
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
+def _inner_attention(inner: str, module: torch.nn.Module) -> Callable:
+    try:
+        return ALL_ATTENTION_FUNCTIONS[inner]
+    except KeyError:
+        pass
+    # "eager" lives in each model's own module, not in the global registry.
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if inner != "eager" or fn is None:
+        raise ValueError(f"attention implementation {inner!r} is not registered with transformers")
+    return fn
+
+
+def register(inner: str) -> str:
+    """Register (once) and return the ``fastnest:<inner>`` implementation name."""
+    if inner.startswith(PREFIX):
+        return inner
+    name = PREFIX + inner
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        info = kwargs.pop(VARLEN_KWARG, None)
+        if info is not None:
+            return varlen_attention(query, key, value, info, scale=scaling, dropout=dropout), None
+        fn = _inner_attention(inner, module)
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    def mask(**kwargs):
+        if _PACKED.get() or inner not in ALL_MASK_ATTENTION_FUNCTIONS:
+            return None
+        return ALL_MASK_ATTENTION_FUNCTIONS[inner](**kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def inner_name(name: str) -> str:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name

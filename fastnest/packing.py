@@ -1,0 +1,220 @@
+"""Packing variable-length sequences into one row, and the Matryoshka plan over (row, scale) sequences.
+
+Everything here works on plain tensors (no Hugging Face types), so other LMM code can build its packed
+batch with it. Index tensors are built on the CPU: the plan needs the placeholder layout on the host once
+per step anyway, and the attention backends want host-side sequence lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .scales import MatryoshkaScales
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Several sequences laid end to end, with what attention and the loss need to keep them apart.
+
+    ``source_index[p]`` says which row of a caller-provided source tensor is packed position ``p``;
+    ``logit_index`` lists the packed positions whose logits predict ``targets`` (next token, never across
+    a sequence boundary); ``target_group`` is the loss group of each target (``-1`` counts towards every
+    group).
+    """
+
+    cu_seqlens: torch.Tensor  # int32 [num_seqs + 1]
+    seqlens: tuple[int, ...]
+    position_ids: torch.Tensor  # int64 [total], restarting at 0 per sequence
+    source_index: torch.Tensor  # int64 [total]
+    logit_index: torch.Tensor  # int64 [num_targets]
+    targets: torch.Tensor  # int64 [num_targets]
+    target_group: torch.Tensor  # int64 [num_targets]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens, default=0)
+
+    @property
+    def total(self) -> int:
+        return int(self.source_index.numel())
+
+    def to(self, device: torch.device | str) -> PackedSequences:
+        move = {k: getattr(self, k).to(device, non_blocking=True) for k in _TENSOR_FIELDS}
+        return PackedSequences(seqlens=self.seqlens, **move)
+
+
+_TENSOR_FIELDS = ("cu_seqlens", "position_ids", "source_index", "logit_index", "targets", "target_group")
+
+
+def pack_sequences(
+    sources: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor] | None = None,
+    groups: Sequence[int] | None = None,
+) -> PackedSequences:
+    """Pack sequences given as 1-D source-row indices, with per-position labels (``-100`` = none).
+
+    Labels are aligned with positions as in Hugging Face: the logits at position ``p`` predict ``labels[p + 1]``.
+    """
+    if labels is not None and len(labels) != len(sources):
+        raise ValueError(f"got {len(labels)} label tensors for {len(sources)} sequences")
+    if groups is not None and len(groups) != len(sources):
+        raise ValueError(f"got {len(groups)} groups for {len(sources)} sequences")
+    seqlens = tuple(int(s.numel()) for s in sources)
+    lengths = torch.tensor(seqlens, dtype=torch.int64)
+    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    total = int(cu[-1])
+    starts = cu[:-1].long().repeat_interleave(lengths)
+    position_ids = torch.arange(total) - starts
+    source_index = torch.cat([s.long() for s in sources]) if sources else torch.zeros(0, dtype=torch.long)
+    if labels is None:
+        empty = torch.zeros(0, dtype=torch.long)
+        return PackedSequences(cu, seqlens, position_ids, source_index, empty, empty, empty)
+    flat = torch.cat([lab.long() for lab in labels])
+    next_label = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
+    next_label[:-1] = flat[1:]
+    ends = cu[1:].long()[lengths > 0] - 1
+    next_label[ends] = IGNORE_INDEX  # the last token of a sequence predicts nothing
+    logit_index = (next_label != IGNORE_INDEX).nonzero().squeeze(1)
+    group_of = torch.tensor(groups if groups is not None else [0] * len(seqlens), dtype=torch.long)
+    target_group = group_of.repeat_interleave(lengths)[logit_index]
+    return PackedSequences(cu, seqlens, position_ids, source_index, logit_index, next_label[logit_index], target_group)
+
+
+@dataclass(frozen=True)
+class MatryoshkaPlan:
+    """How a padded multimodal batch becomes one packed sequence over every (row, scale).
+
+    The packed source is ``cat([text_embeds, visual.reshape(-1, D)])`` where ``text_embeds`` embeds
+    ``input_ids[text_mask]`` (row-major) and ``visual`` is ``[num_images, spec.total, D]`` (every scale of
+    every image, in ``spec.scales`` order). A row with images yields one sequence per scale (group = scale
+    index); a row without images yields ONE sequence in group ``-1``, which counts towards every scale.
+    ``sequence_row[i]`` is the batch row of packed sequence ``i``.
+    """
+
+    text_mask: torch.Tensor  # bool [B, L]
+    num_text: int
+    num_images: int
+    packed: PackedSequences
+    sequence_row: tuple[int, ...]
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal values in a 1-D bool tensor, as (start, end, value)."""
+    if flags.numel() == 0:
+        return []
+    cuts = ((flags[1:] != flags[:-1]).nonzero().squeeze(1) + 1).tolist()
+    bounds = [0, *cuts, flags.numel()]
+    return [(a, b, bool(flags[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _check_labels(labels: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> None:
+    labelled = labels != IGNORE_INDEX
+    for where, bad in (("padding (attention_mask == 0)", labelled & ~valid), ("image placeholder", labelled & is_image)):
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"labels must be {IGNORE_INDEX} at {where} positions: found {int(bad.sum())} labelled, "
+                f"first at row {row}, column {col} (label {int(labels[row, col])}); set them to {IGNORE_INDEX}"
+            )
+
+
+def plan_matryoshka(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    image_token_id: int,
+    spec: MatryoshkaScales,
+    num_images: int,
+) -> MatryoshkaPlan:
+    """Plan the packed all-scale batch for processor-style inputs.
+
+    ``input_ids [B, L]`` hold each image as ``spec.tokens_per_image`` placeholder tokens (adjacent images form
+    one run of a multiple of that length); padding (either side) is dropped via ``attention_mask``.
+    """
+    ids = input_ids.detach().cpu()
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    if valid.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(valid.shape)} differs from input_ids shape {tuple(ids.shape)}")
+    is_image = (ids == image_token_id) & valid
+    lab = None
+    if labels is not None:
+        lab = labels.detach().cpu().long()
+        if lab.shape != ids.shape:
+            raise ValueError(f"labels shape {tuple(lab.shape)} differs from input_ids shape {tuple(ids.shape)}")
+        _check_labels(lab, valid, is_image)
+    text_mask = valid & ~is_image
+    num_text = int(text_mask.sum())
+    text_pos = torch.full(ids.shape, -1, dtype=torch.long)
+    text_pos[text_mask] = torch.arange(num_text)
+
+    tpi, total = spec.tokens_per_image, spec.total
+    rows: list[tuple[int, list[tuple[torch.Tensor, int, bool]]]] = []  # (row, [(index, start_col, is_img)])
+    image = 0
+    for b in range(ids.shape[0]):
+        cols = valid[b].nonzero().squeeze(1)
+        pieces = []
+        for start, end, img in _runs(is_image[b, cols]):
+            if img and (end - start) % tpi:
+                raise ValueError(
+                    f"row {b} has a run of {end - start} image placeholder tokens (id {image_token_id}) at column "
+                    f"{int(cols[start])}; each image must be exactly {tpi} placeholders ({spec.grid}x{spec.grid})"
+                )
+            pieces.append((cols[start:end], (end - start) // tpi if img else 0))
+        rows.append((b, pieces))
+        image += sum(n for _, n in pieces)
+    if image != num_images:
+        raise ValueError(
+            f"input_ids hold {image} image placeholder blocks of {tpi} tokens but {num_images} images were given"
+        )
+
+    sources, seq_labels, groups, seq_rows = [], [], [], []
+    image = 0
+    for b, pieces in rows:
+        n_row_images = sum(n for _, n in pieces)
+        for k in range(len(spec.scales)) if n_row_images else (-1,):
+            src, tgt, img = [], [], image
+            for cols, n in pieces:
+                if n == 0:
+                    src.append(text_pos[b, cols])
+                    tgt.append(lab[b, cols] if lab is not None else None)
+                    continue
+                s, off = spec.scales[k], spec.offsets[k]
+                for _ in range(n):
+                    src.append(num_text + img * total + off + torch.arange(s))
+                    tgt.append(torch.full((s,), IGNORE_INDEX, dtype=torch.long))
+                    img += 1
+            sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
+            seq_labels.append(torch.cat(tgt) if lab is not None and tgt else torch.zeros(0, dtype=torch.long))
+            groups.append(k)
+            seq_rows.append(b)
+        image += n_row_images
+    packed = pack_sequences(sources, seq_labels if lab is not None else None, groups)
+    return MatryoshkaPlan(text_mask, num_text, num_images, packed, tuple(seq_rows))
+
+
+def pad_packed(packed: PackedSequences, pad_index: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay packed sequences out as padded rows.
+
+    Returns ``(source_index [n, width], attention_mask [n, width], where [total])``: ``where[p]`` is the flat
+    index into ``[n * width]`` that packed position ``p`` lands on (so ``where[packed.logit_index]`` finds
+    the logits that predict ``packed.targets``).
+    """
+    lengths = torch.tensor(packed.seqlens, dtype=torch.long)
+    n, width = lengths.numel(), packed.max_seqlen
+    seq = torch.arange(n).repeat_interleave(lengths)
+    col = packed.position_ids + ((width - lengths)[seq] if left else 0)
+    where = seq * width + col
+    index = torch.full((n * width,), pad_index, dtype=torch.long)
+    index[where] = packed.source_index
+    mask = torch.zeros(n * width, dtype=torch.long)
+    mask[where] = 1
+    return index.view(n, width), mask.view(n, width), where

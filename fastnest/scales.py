@@ -1,0 +1,78 @@
+"""Matryoshka scale sets: which visual-token counts a grid can be average-pooled to."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DEFAULT_SCALES: tuple[int, ...] = (1, 9, 36, 144, 576)
+
+
+def allowed_scales(grid: int) -> tuple[int, ...]:
+    """Token counts reachable by ``avg_pool2d`` with a kernel (= stride) that divides ``grid``."""
+    return tuple(sorted((grid // k) ** 2 for k in range(1, grid + 1) if grid % k == 0))
+
+
+@dataclass(frozen=True)
+class MatryoshkaScales:
+    """A validated set of scales for a ``grid x grid`` visual-token map.
+
+    Scale ``s`` keeps ``s`` tokens: the grid is pooled with kernel = stride = ``grid / sqrt(s)``.
+    The order of ``scales`` is kept: it is the order of pooled tokens and of per-scale losses.
+    """
+
+    grid: int
+    scales: tuple[int, ...]
+
+    def __init__(self, grid: int, scales: Iterable[int]) -> None:
+        scales = tuple(scales)
+        if not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"grid must be a positive int, got {grid!r}")
+        allowed = allowed_scales(grid)
+        if not scales:
+            raise ValueError(f"scales must not be empty; allowed for a {grid}x{grid} grid: {allowed}")
+        for s in scales:
+            if not isinstance(s, int) or isinstance(s, bool) or s not in allowed:
+                raise ValueError(
+                    f"scale {s!r} does not pool a {grid}x{grid} grid evenly (kernel {grid}/sqrt({s!r}) is not "
+                    f"an integer); allowed scales: {allowed}"
+                )
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"scales must be distinct, got {scales}")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "scales", scales)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def kernels(self) -> tuple[int, ...]:
+        """Pooling kernel (= stride) of each scale."""
+        return tuple(self.grid // math.isqrt(s) for s in self.scales)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each scale's tokens in an image's concatenated ``[sum(scales)]`` token list."""
+        out, acc = [], 0
+        for s in self.scales:
+            out.append(acc)
+            acc += s
+        return tuple(out)
+
+    @property
+    def total(self) -> int:
+        """Tokens per image over all scales."""
+        return sum(self.scales)
+
+    def index(self, scale: int) -> int:
+        """Position of ``scale`` in ``scales``; ValueError naming the allowed set otherwise."""
+        if scale not in self.scales:
+            raise ValueError(f"scale {scale!r} is not configured; configured scales: {self.scales}")
+        return self.scales.index(scale)
+
+    def only(self, scale: int) -> MatryoshkaScales:
+        """The single-scale set used at inference."""
+        self.index(scale)
+        return MatryoshkaScales(self.grid, (scale,))
