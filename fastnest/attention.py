@@ -35,17 +35,16 @@ def varlen_attention(
     ``query [1, H, T, d]``, ``key``/``value [1, Hkv, T, d]`` (grouped-query when ``Hkv < H``); returns
     ``[1, T, H, d]``. Runs one SDPA per sequence, so memory stays linear in the packed length.
     """
+    total = query.shape[2]
+    if sum(info.seqlens) != total:
+        raise ValueError(f"sequence lengths sum to {sum(info.seqlens)} but the packed input holds {total} tokens")
     gqa = key.shape[1] != query.shape[1]
-    parts, start = [], 0
-    for length in info.seqlens:
-        span = slice(start, start + length)
-        parts.append(
-            F.scaled_dot_product_attention(
-                query[:, :, span], key[:, :, span], value[:, :, span],
-                dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa,
-            )
-            if length
-            else query[:, :, span]
-        )
-        start += length
-    return torch.cat(parts, dim=2).transpose(1, 2)
+    # split (not slicing): its backward is one concatenation instead of a zero-filled full-size gradient per piece
+    parts = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+        if q.shape[2]
+        else q
+        for q, k, v in zip(*(t.split(info.seqlens, dim=2) for t in (query, key, value)))
+    ]
+    out = torch.cat(parts, dim=2) if parts else query
+    return out.transpose(1, 2)

@@ -20,6 +20,8 @@ def grouped_cross_entropy(
     targets' CE divided by its target count (or by ``num_items``, as Hugging Face's ``num_items_in_batch``
     for gradient accumulation). Returns ``(mean over groups, per-group losses)``; both keep the graph.
     """
+    if target_group.numel() and int(target_group.max()) >= num_groups:
+        raise ValueError(f"target_group holds {int(target_group.max())} but num_groups is {num_groups}")
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     shared = target_group < 0
     own = target_group.clamp(min=0)

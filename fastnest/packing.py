@@ -65,6 +65,10 @@ def pack_sequences(
     if groups is not None and len(groups) != len(sources):
         raise ValueError(f"got {len(groups)} groups for {len(sources)} sequences")
     seqlens = tuple(int(s.numel()) for s in sources)
+    if labels is not None:
+        for i, (length, lab) in enumerate(zip(seqlens, labels)):
+            if lab.numel() != length:
+                raise ValueError(f"sequence {i} has {length} positions but {lab.numel()} labels")
     lengths = torch.tensor(seqlens, dtype=torch.int64)
     cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
@@ -75,9 +79,9 @@ def pack_sequences(
     if labels is None:
         empty = torch.zeros(0, dtype=torch.long)
         return PackedSequences(cu, seqlens, position_ids, source_index, empty, empty, empty)
-    flat = torch.cat([lab.long() for lab in labels])
+    flat = torch.cat([lab.long() for lab in labels]) if labels else torch.zeros(0, dtype=torch.long)
     next_label = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
-    next_label[:-1] = flat[1:]
+    next_label[:-1] = flat[1:] if total else flat
     ends = cu[1:].long()[lengths > 0] - 1
     next_label[ends] = IGNORE_INDEX  # the last token of a sequence predicts nothing
     logit_index = (next_label != IGNORE_INDEX).nonzero().squeeze(1)
@@ -115,7 +119,10 @@ def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
 
 def _check_labels(labels: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> None:
     labelled = labels != IGNORE_INDEX
-    for where, bad in (("padding (attention_mask == 0)", labelled & ~valid), ("image placeholder", labelled & is_image)):
+    for where, bad in (
+        ("padding (attention_mask == 0)", labelled & ~valid),
+        ("image placeholder", labelled & is_image),
+    ):
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
@@ -144,6 +151,12 @@ def plan_matryoshka(
     valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
     if valid.shape != ids.shape:
         raise ValueError(f"attention_mask shape {tuple(valid.shape)} differs from input_ids shape {tuple(ids.shape)}")
+    holes = (valid[:, 1:].int() - valid[:, :-1].int() > 0).sum(1) > (~valid[:, 0]).int()
+    if holes.any():
+        raise ValueError(
+            f"attention_mask row {int(holes.nonzero()[0])} has padding between tokens; only left or right padding "
+            "is supported"
+        )
     is_image = (ids == image_token_id) & valid
     lab = None
     if labels is not None:

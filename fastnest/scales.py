@@ -9,6 +9,10 @@ from dataclasses import dataclass
 DEFAULT_SCALES: tuple[int, ...] = (1, 9, 36, 144, 576)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def allowed_scales(grid: int) -> tuple[int, ...]:
     """Token counts reachable by ``avg_pool2d`` with a kernel (= stride) that divides ``grid``."""
     return tuple(sorted((grid // k) ** 2 for k in range(1, grid + 1) if grid % k == 0))
@@ -27,13 +31,13 @@ class MatryoshkaScales:
 
     def __init__(self, grid: int, scales: Iterable[int]) -> None:
         scales = tuple(scales)
-        if not isinstance(grid, int) or grid < 1:
+        if not _is_int(grid) or grid < 1:
             raise ValueError(f"grid must be a positive int, got {grid!r}")
         allowed = allowed_scales(grid)
         if not scales:
             raise ValueError(f"scales must not be empty; allowed for a {grid}x{grid} grid: {allowed}")
         for s in scales:
-            if not isinstance(s, int) or isinstance(s, bool) or s not in allowed:
+            if not _is_int(s) or s not in allowed:
                 raise ValueError(
                     f"scale {s!r} does not pool a {grid}x{grid} grid evenly (kernel {grid}/sqrt({s!r}) is not "
                     f"an integer); allowed scales: {allowed}"
@@ -68,7 +72,7 @@ class MatryoshkaScales:
 
     def index(self, scale: int) -> int:
         """Position of ``scale`` in ``scales``; ValueError naming the allowed set otherwise."""
-        if scale not in self.scales:
+        if not _is_int(scale) or scale not in self.scales:
             raise ValueError(f"scale {scale!r} is not configured; configured scales: {self.scales}")
         return self.scales.index(scale)
 

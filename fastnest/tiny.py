@@ -24,18 +24,31 @@ def tiny_llava(
     The last vocabulary id is the image placeholder token; id 0 is padding.
     """
     vision = CLIPVisionConfig(
-        image_size=grid * patch_size, patch_size=patch_size, hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=2,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
         projection_dim=vision_hidden,
     )
     text = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=intermediate or 4 * hidden, vocab_size=vocab, max_position_embeddings=8192,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate or 4 * hidden,
+        vocab_size=vocab,
+        max_position_embeddings=8192,
         pad_token_id=0,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=vocab - 1, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab - 1,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
     )
     config._attn_implementation = attn_implementation
     return LlavaForConditionalGeneration(config)

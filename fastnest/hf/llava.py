@@ -12,7 +12,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ..attention import VarlenInfo
 from ..loss import grouped_cross_entropy
-from ..packing import MatryoshkaPlan, pad_packed, plan_matryoshka
+from ..packing import pad_packed, plan_matryoshka
 from ..projector import matryoshka_project
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
 from . import attention as hf_attention
@@ -51,7 +51,9 @@ def _grid(config) -> int:
     return vision.image_size // vision.patch_size
 
 
-def patch_llava(model: LlavaForConditionalGeneration, scales: tuple[int, ...] = DEFAULT_SCALES) -> LlavaForConditionalGeneration:
+def patch_llava(
+    model: LlavaForConditionalGeneration, scales: tuple[int, ...] = DEFAULT_SCALES
+) -> LlavaForConditionalGeneration:
     """Make ``model`` train on every Matryoshka scale in one packed forward, and infer at any scale.
 
     Patches the instance in place and returns it; calling again re-configures. Training (``model.train()``
@@ -67,10 +69,21 @@ def patch_llava(model: LlavaForConditionalGeneration, scales: tuple[int, ...] = 
     inner = previous.attn_inner if previous else text_config._attn_implementation or "eager"
     text_config._attn_implementation = hf_attention.register(inner)
     model._fastnest = _State(spec=spec, scale=max(spec.scales), attn_inner=inner)
-    cls = type(model)
-    model.forward = types.MethodType(functools.wraps(cls.forward)(_forward), model)
-    model.generate = types.MethodType(functools.wraps(cls.generate)(_generate), model)
+    model.forward = _bind(model, _forward, type(model).forward)
+    model.generate = _bind(model, _generate, type(model).generate)
     return model
+
+
+def _bind(model, impl, original) -> types.MethodType:
+    """``impl`` as a method of this instance, carrying ``original``'s signature (generate inspects it).
+
+    A bound method (not a closure) so that ``copy.deepcopy`` rebinds it to the copy.
+    """
+
+    def method(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+
+    return types.MethodType(functools.update_wrapper(method, original), model)
 
 
 def unpatch(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
@@ -100,6 +113,10 @@ def _vision_features(model, pixel_values: torch.Tensor, layer, strategy) -> torc
     return torch.cat(feats, dim=-1)
 
 
+def _given_or(value, default):
+    return default if value is None else value
+
+
 def _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs):
     """Plan the sequences and build the source rows ``[text; visual (every scale of every image); pad]``."""
     config = model.config
@@ -113,8 +130,8 @@ def _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spe
     device = embed.weight.device
     parts = [embed(input_ids[plan.text_mask.to(input_ids.device)].to(device))]
     if num_images:
-        layer = vision_kwargs.get("vision_feature_layer") or config.vision_feature_layer
-        strategy = vision_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        layer = _given_or(vision_kwargs.get("vision_feature_layer"), config.vision_feature_layer)
+        strategy = _given_or(vision_kwargs.get("vision_feature_select_strategy"), config.vision_feature_select_strategy)
         feats = _vision_features(model, pixel_values, layer, strategy)
         visual = matryoshka_project(feats, model.model.multi_modal_projector, spec)
         parts.append(visual.reshape(-1, visual.shape[-1]).to(device, parts[0].dtype))
@@ -155,11 +172,13 @@ def _scaled_inputs(model, input_ids, attention_mask, pixel_values, labels, scale
     spec = state.spec.only(state.scale if scale is None else scale)
     plan, source = _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs)
     index, mask, where = pad_packed(plan.packed, pad_index=source.shape[0] - 1, left=left)
-    ids_source = torch.cat([
-        input_ids[plan.text_mask.to(input_ids.device)].cpu(),
-        torch.full((source.shape[0] - 1 - plan.num_text,), model.config.image_token_id),
-        torch.tensor([model.config.text_config.pad_token_id or 0]),
-    ])
+    ids_source = torch.cat(
+        [
+            input_ids[plan.text_mask.to(input_ids.device)].cpu(),
+            torch.full((source.shape[0] - 1 - plan.num_text,), model.config.image_token_id),
+            torch.tensor([model.config.text_config.pad_token_id or 0]),
+        ]
+    )
     device = source.device
     return source[index.to(device)], mask.to(device), ids_source[index].to(input_ids.device), plan, where
 
@@ -174,20 +193,33 @@ def _forward(
     num_items_in_batch=None,
     **kwargs,
 ):
-    vision_kwargs = {k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")}
+    vision_kwargs = {
+        k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+    }
     cls_forward = type(self).forward
     if self.training and labels is not None:
         for name in ("inputs_embeds", "past_key_values", "position_ids"):
             if kwargs.get(name) is not None:
-                raise ValueError(f"{name} is not supported by the fastnest training step; pass input_ids and pixel_values")
+                raise ValueError(
+                    f"{name} is not supported by the fastnest training step; pass input_ids and pixel_values"
+                )
         if scale is not None:
-            raise ValueError(f"scale={scale} is for inference; training always runs every scale {_state(self).spec.scales}")
+            raise ValueError(
+                f"scale={scale} is for inference; training always runs every scale {_state(self).spec.scales}"
+            )
         return _train_step(self, input_ids, attention_mask, pixel_values, labels, num_items_in_batch, vision_kwargs)
     if pixel_values is None:  # text-only or a decode step with a KV cache: nothing to pool
         if scale is not None:
             _state(self).spec.index(scale)
-        return cls_forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                           num_items_in_batch=num_items_in_batch, **kwargs, **{k: v for k, v in vision_kwargs.items() if v is not None})
+        extra = {**vision_kwargs, "num_items_in_batch": num_items_in_batch}
+        return cls_forward(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            **kwargs,
+            **{k: v for k, v in extra.items() if v is not None},
+        )
     if input_ids is None or kwargs.get("position_ids") is not None:
         raise ValueError("with pixel_values, fastnest needs input_ids and builds position_ids itself")
     embeds, mask, _, plan, where = _scaled_inputs(
@@ -200,8 +232,12 @@ def _forward(
         flat = out.logits.reshape(-1, out.logits.shape[-1])[where.to(embeds.device)[packed.logit_index]]
         loss, _ = grouped_cross_entropy(flat, packed.targets, packed.target_group, 1, num_items_in_batch)
     return MatryoshkaCausalLMOutput(
-        loss=loss, logits=out.logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-        attentions=out.attentions, attention_mask=mask,
+        loss=loss,
+        logits=out.logits,
+        past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+        attention_mask=mask,
     )
 
 
@@ -213,14 +249,16 @@ def _generate(self, inputs=None, *args, scale: int | None = None, **kwargs):
         if scale is not None:
             _state(self).spec.index(scale)
         return cls_generate(self, input_ids, *args, **kwargs)
-    vision_kwargs = {k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")}
+    vision_kwargs = {
+        k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+    }
     embeds, mask, ids, _, _ = _scaled_inputs(
         self, input_ids, kwargs.pop("attention_mask", None), pixel_values, None, scale, True, vision_kwargs
     )
     out = cls_generate(self, *args, input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
     # Report the caller's prompt (576 placeholders per image), then the new tokens.
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    full = torch.cat([input_ids, sequences[:, ids.shape[1]:]], dim=1)
+    full = torch.cat([input_ids, sequences[:, ids.shape[1] :]], dim=1)
     if isinstance(out, torch.Tensor):
         return full
     out.sequences = full

@@ -1,0 +1,61 @@
+"""Processor-style synthetic batches: each image is grid*grid placeholder tokens, rows padded either side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IMG = "img"
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    labels: torch.Tensor
+
+    def inputs(self, labels: bool = True) -> dict:
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            out["pixel_values"] = self.pixel_values
+        if labels:
+            out["labels"] = self.labels
+        return out
+
+
+def make_batch(model, rows: list[list], padding_side: str = "right", seed: int = 0, answer_only: bool = True) -> Batch:
+    """``rows``: per row, a list of segments: an int ``n`` (n random text tokens) or ``IMG`` (one image).
+
+    Labels: the last text segment of each row (the "answer"), or every text token with ``answer_only=False``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    tpi = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    image_id = cfg.image_token_id
+    ids, labs, n_images = [], [], 0
+    for segments in rows:
+        row_ids, row_labels = [], []
+        last_text = max(i for i, s in enumerate(segments) if s != IMG)
+        for i, seg in enumerate(segments):
+            if seg == IMG:
+                row_ids.append(torch.full((tpi,), image_id))
+                row_labels.append(torch.full((tpi,), -100))
+                n_images += 1
+            else:
+                text = torch.randint(1, image_id, (seg,), generator=g)
+                row_ids.append(text)
+                row_labels.append(text.clone() if (i == last_text or not answer_only) else torch.full((seg,), -100))
+        ids.append(torch.cat(row_ids))
+        labs.append(torch.cat(row_labels))
+    width = max(len(r) for r in ids)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, (r, lab) in enumerate(zip(ids, labs)):
+        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        input_ids[b, span], labels[b, span], mask[b, span] = r, lab, 1
+    size = cfg.vision_config.image_size
+    pixel_values = torch.randn(n_images, 3, size, size, generator=g) if n_images else None
+    return Batch(input_ids, mask, pixel_values, labels)

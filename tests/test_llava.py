@@ -1,0 +1,265 @@
+"""patch_llava against the released algorithm (tests/reference.py), on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastnest
+from fastnest.tiny import tiny_llava
+from tests.batches import IMG, make_batch
+from tests.reference import reference_greedy, released_m3_loss, scaled_rows
+
+SCALES = (1, 9, 36, 144, 576)
+
+
+def build(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return tiny_llava(grid=24, vision_hidden=32, vision_layers=2, hidden=64, layers=2, vocab=384, **kw)
+
+
+def pair(seed: int = 0, scales=SCALES, **kw):
+    """A reference (plain HF) model and a patched copy with identical weights, both in train mode."""
+    ref = build(seed, **kw).train()
+    fast = fastnest.patch_llava(copy.deepcopy(ref), scales=scales).train()
+    return ref, fast
+
+
+def assert_grads_match(ref, fast, rtol: float = 2e-4) -> None:
+    """Every gradient within ``rtol`` of the reference, relative to that tensor's largest entry. Gradients that
+    are analytically zero (e.g. attention key biases) are round-off noise: floor the scale at 1e-6 of the
+    model's largest gradient."""
+    floor = 1e-6 * max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
+    checked = 0
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        if p_ref.grad is None:
+            assert p_fast.grad is None or not p_fast.grad.any(), name
+            continue
+        scale = max(p_ref.grad.abs().max().item(), floor)
+        torch.testing.assert_close(
+            p_fast.grad, p_ref.grad, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+        checked += 1
+    assert checked > 0
+
+
+MIXED_ROWS = [
+    [35, IMG, 40],  # system prompt, image, answer
+    [5, IMG, 200],  # long text
+    [60],  # text-only row
+    [10, IMG, 7, IMG, 25],  # two images in one row
+]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_training_matches_released_loop(padding_side):
+    ref, fast = pair()
+    batch = make_batch(ref, MIXED_ROWS, padding_side=padding_side)
+    ref_loss, ref_scales = released_m3_loss(ref, **batch.inputs(), scales=SCALES)
+    out = fast(**batch.inputs())
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.scale_losses, ref_scales.detach(), rtol=1e-5, atol=0)
+    assert out.loss.dtype == torch.float32 and not out.scale_losses.requires_grad
+    assert out.logits is None  # no full logits in training
+    ref_loss.backward()
+    out.loss.backward()
+    assert_grads_match(ref, fast)
+
+
+def test_custom_scale_subset_and_all_text_labels():
+    ref, fast = pair(seed=1, scales=(9, 576))
+    batch = make_batch(ref, [[3, IMG, 30], [12, IMG, 9]], answer_only=False)
+    ref_loss, ref_scales = released_m3_loss(ref, **batch.inputs(), scales=(9, 576))
+    out = fast(**batch.inputs())
+    torch.testing.assert_close(out.scale_losses, ref_scales.detach(), rtol=1e-5, atol=0)
+    ref_loss.backward()
+    out.loss.backward()
+    assert_grads_match(ref, fast)
+
+
+def test_adjacent_images_form_one_run():
+    ref, fast = pair(seed=2, scales=(1, 36, 576))
+    batch = make_batch(ref, [[4, IMG, IMG, 20], [30]])
+    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=(1, 36, 576))
+    torch.testing.assert_close(fast(**batch.inputs()).loss, ref_loss, rtol=1e-5, atol=0)
+
+
+def test_frozen_vision_tower_gets_no_grad():
+    ref, fast = pair(seed=3)
+    fast.model.vision_tower.requires_grad_(False)
+    ref.model.vision_tower.requires_grad_(False)
+    batch = make_batch(ref, [[8, IMG, 16]])
+    released_m3_loss(ref, **batch.inputs(), scales=SCALES)[0].backward()
+    fast(**batch.inputs()).loss.backward()
+    assert all(p.grad is None for p in fast.model.vision_tower.parameters())
+    assert_grads_match(ref, fast)
+
+
+def test_gradient_checkpointing_recomputes_with_packing():
+    ref, fast = pair(seed=15, scales=(1, 36, 576))
+    fast.gradient_checkpointing_enable() if not hasattr(fast, "activation_checkpointing_enable") else fast.activation_checkpointing_enable()
+    batch = make_batch(ref, [[8, IMG, 16], [20]])
+    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=(1, 36, 576))
+    out = fast(**batch.inputs())
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    ref_loss.backward()
+    out.loss.backward()
+    assert_grads_match(ref, fast)
+
+
+def test_num_items_in_batch_sets_the_denominator():
+    ref, fast = pair(seed=4, scales=(1, 576))
+    batch = make_batch(ref, [[8, IMG, 16], [20]])
+    n = int((batch.labels[:, 1:] != -100).sum())
+    plain = fast(**batch.inputs()).scale_losses
+    scaled = fast(**batch.inputs(), num_items_in_batch=3 * n).scale_losses
+    torch.testing.assert_close(scaled * 3, plain, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training(dtype):
+    ref, _ = pair(seed=5)
+    batch = make_batch(ref, MIXED_ROWS[:2])
+    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=SCALES)
+    fast = fastnest.patch_llava(copy.deepcopy(ref).to(dtype)).train()
+    out = fast(**batch.inputs())
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref_loss.detach(), rtol=2e-2, atol=0)
+    out.loss.backward()
+    grads = [p.grad for p in fast.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_inference_logits_and_generate_match_reference(scale):
+    ref, fast = pair(seed=6)
+    ref.eval(), fast.eval()
+    batch = make_batch(ref, [[6, IMG, 9], [3, IMG, 4, IMG, 2], [11]], padding_side="left")
+    rows, _, _ = scaled_rows(ref, **batch.inputs(labels=False), labels=None, scale=scale)
+    with torch.no_grad():
+        out = fast(**batch.inputs(labels=False), scale=scale)
+        for b, emb in enumerate(rows):
+            expected = ref.lm_head(ref.model.language_model(inputs_embeds=emb[None]).last_hidden_state)[0]
+            got = out.logits[b][out.attention_mask[b].bool()]
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        generated = fast.generate(**batch.inputs(labels=False), scale=scale, max_new_tokens=6, do_sample=False)
+    width = batch.input_ids.shape[1]
+    assert torch.equal(generated[:, :width], batch.input_ids)
+    for b, emb in enumerate(rows):
+        assert generated[b, width:].tolist() == reference_greedy(ref, emb, 6)
+
+
+def test_eval_loss_uses_the_requested_scale():
+    ref, fast = pair(seed=7)
+    ref.eval(), fast.eval()
+    batch = make_batch(ref, [[6, IMG, 19], [14]])
+    with torch.no_grad():
+        _, per_scale = released_m3_loss(ref, **batch.inputs(), scales=SCALES)
+        for i, scale in enumerate(SCALES):
+            torch.testing.assert_close(fast(**batch.inputs(), scale=scale).loss, per_scale[i], rtol=1e-5, atol=0)
+
+
+def test_vision_feature_layer_override_reaches_the_tower():
+    ref, fast = pair(seed=16, scales=(1, 576))
+    ref.eval(), fast.eval()
+    batch = make_batch(ref, [[6, IMG, 9]])
+    with torch.no_grad():
+        ref.config.vision_feature_layer = -1  # (HF itself mishandles layer 0: it skips hidden states)
+        expected = ref(**batch.inputs(labels=False)).logits
+        got = fast(**batch.inputs(labels=False), vision_feature_layer=-1, scale=576).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_set_scale_is_the_default():
+    _, fast = pair(seed=8)
+    fast.eval()
+    batch = make_batch(fast, [[6, IMG, 9]])
+    with torch.no_grad():
+        assert fast(**batch.inputs(labels=False)).logits.shape[1] == 6 + 576 + 9
+        fastnest.set_scale(fast, 36)
+        at_36 = fast(**batch.inputs(labels=False))
+        assert at_36.logits.shape[1] == 6 + 36 + 9
+        torch.testing.assert_close(at_36.logits, fast(**batch.inputs(labels=False), scale=36).logits)
+
+
+def test_repatch_reconfigures_and_unpatch_restores():
+    ref, fast = pair(seed=9)
+    fastnest.patch_llava(fast, scales=(1, 576))
+    batch = make_batch(ref, [[6, IMG, 9]])
+    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=(1, 576))
+    out = fast(**batch.inputs())
+    assert out.scale_losses.shape == (2,)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    assert fast.config.text_config._attn_implementation == "fastnest:sdpa"
+    fastnest.unpatch(fast)
+    assert fast.config.text_config._attn_implementation == "sdpa"
+    assert "forward" not in fast.__dict__ and not hasattr(fast, "_fastnest")
+    plain_ref, plain_fast = ref(**batch.inputs()), fast(**batch.inputs())
+    torch.testing.assert_close(plain_fast.loss, plain_ref.loss)
+    torch.testing.assert_close(plain_fast.logits, plain_ref.logits)
+
+
+def test_deepcopy_of_patched_model_is_bound_to_the_copy():
+    _, fast = pair(seed=10, scales=(1, 576))
+    twin = copy.deepcopy(fast)
+    assert twin.forward.__self__ is twin and twin.generate.__self__ is twin
+    batch = make_batch(fast, [[6, IMG, 9]])
+    torch.testing.assert_close(twin(**batch.inputs()).loss, fast(**batch.inputs()).loss)
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+def test_error_scale_not_configured():
+    _, fast = pair(seed=11, scales=(9, 576))
+    fast.eval()
+    batch = make_batch(fast, [[6, IMG, 9]])
+    for call in (
+        lambda: fast(**batch.inputs(labels=False), scale=36),
+        lambda: fast.generate(**batch.inputs(labels=False), scale=36, max_new_tokens=1),
+        lambda: fastnest.set_scale(fast, 36),
+    ):
+        with pytest.raises(ValueError, match=r"scale 36 .*\(9, 576\)"):
+            call()
+
+
+@pytest.mark.parametrize("scales", [(1, 25, 576), (10,), (1, 1)])
+def test_error_scale_set_does_not_divide_grid(scales):
+    with pytest.raises(ValueError, match="scale"):
+        fastnest.patch_llava(build(), scales=scales)
+
+
+def test_error_bad_scale_message_lists_allowed():
+    with pytest.raises(ValueError, match=r"scale 25 .*allowed scales: \(1, 4, 9, 16, 36, 64, 144, 576\)"):
+        fastnest.patch_llava(build(), scales=(1, 25))
+
+
+def test_error_image_count_mismatch():
+    _, fast = pair(seed=12)
+    batch = make_batch(fast, [[6, IMG, 9], [4, IMG, 3]])
+    inputs = batch.inputs() | {"pixel_values": batch.pixel_values[:1]}
+    with pytest.raises(ValueError, match="2 image placeholder blocks .* 1 images"):
+        fast(**inputs)
+
+
+def test_error_placeholder_run_length():
+    _, fast = pair(seed=13)
+    batch = make_batch(fast, [[6, IMG, 9]])
+    batch.input_ids[0, 6] = 5  # the image's first placeholder becomes text: a run of 575
+    with pytest.raises(ValueError, match=r"run of 575 image placeholder tokens .* exactly 576"):
+        fast(**batch.inputs())
+
+
+def test_error_labels_on_placeholders():
+    _, fast = pair(seed=14)
+    batch = make_batch(fast, [[6, IMG, 9]])
+    batch.labels[0, 10] = 3
+    with pytest.raises(ValueError, match="image placeholder positions"):
+        fast(**batch.inputs())
+
+
+def test_error_patch_wrong_model_type():
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        fastnest.patch_llava(torch.nn.Linear(2, 2))
