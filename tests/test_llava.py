@@ -99,7 +99,9 @@ def test_frozen_vision_tower_gets_no_grad():
 
 def test_gradient_checkpointing_recomputes_with_packing():
     ref, fast = pair(seed=15, scales=(1, 36, 576))
-    fast.gradient_checkpointing_enable() if not hasattr(fast, "activation_checkpointing_enable") else fast.activation_checkpointing_enable()
+    fast.gradient_checkpointing_enable() if not hasattr(
+        fast, "activation_checkpointing_enable"
+    ) else fast.activation_checkpointing_enable()
     batch = make_batch(ref, [[8, IMG, 16], [20]])
     ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=(1, 36, 576))
     out = fast(**batch.inputs())
@@ -263,3 +265,43 @@ def test_error_labels_on_placeholders():
 def test_error_patch_wrong_model_type():
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         fastnest.patch_llava(torch.nn.Linear(2, 2))
+
+
+def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
+    _, fast = pair(seed=17)
+    rows = [[35, IMG, 40], [60], [10, IMG, 7, IMG, 25]]
+    batch = make_batch(fast, rows)
+    calls = {"vision": [], "lm": [], "head": [], "dense_masks": 0}
+    fast.model.vision_tower.register_forward_hook(lambda m, args, out: calls["vision"].append(args[0].shape[0]))
+    fast.model.language_model.register_forward_hook(
+        lambda m, args, kwargs, out: calls["lm"].append(kwargs["inputs_embeds"].shape), with_kwargs=True
+    )
+    fast.lm_head.register_forward_hook(lambda m, args, out: calls["head"].append(args[0].shape))
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+    def counting_mask(**kwargs):
+        calls["dense_masks"] += 1
+        return sdpa_mask(**kwargs)
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", counting_mask)
+    fast(**batch.inputs()).loss.backward()
+
+    n_scales, per_image = len(SCALES), sum(SCALES)
+    image_rows = [r for r in rows if IMG in r]
+    text_tokens = {id(r): sum(s for s in r if s != IMG) for r in rows}
+    expected_len = sum(
+        n_scales * text_tokens[id(r)] + per_image * r.count(IMG) if IMG in r else text_tokens[id(r)] for r in rows
+    )
+    # make_batch labels each row's last text segment; a row's very first token has no logit predicting it
+    expected_logits = sum(n_scales * r[-1] if IMG in r else r[-1] - 1 for r in rows)
+    assert calls["vision"] == [sum(r.count(IMG) for r in image_rows)]  # every image through the tower, once
+    assert calls["lm"] == [torch.Size([1, expected_len, 64])]  # one packed sequence, no padding
+    assert calls["head"] == [torch.Size([expected_logits, 64])]  # logits only where there are labels
+    assert calls["dense_masks"] == 0
+    fast.eval()
+    with torch.no_grad():
+        fast(**batch.inputs(labels=False))
+    assert calls["dense_masks"] > 0  # the spy does see the inference path's masks
