@@ -113,6 +113,11 @@ def _vision_features(model, pixel_values: torch.Tensor, layer, strategy) -> torc
     return torch.cat(feats, dim=-1)
 
 
+def _pop_vision_kwargs(kwargs: dict) -> dict:
+    """The per-call vision options LLaVA's forward takes (None = use the config's)."""
+    return {k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")}
+
+
 def _given_or(value, default):
     return default if value is None else value
 
@@ -193,9 +198,7 @@ def _forward(
     num_items_in_batch=None,
     **kwargs,
 ):
-    vision_kwargs = {
-        k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-    }
+    vision_kwargs = _pop_vision_kwargs(kwargs)
     cls_forward = type(self).forward
     if self.training and labels is not None:
         for name in ("inputs_embeds", "past_key_values", "position_ids"):
@@ -249,9 +252,7 @@ def _generate(self, inputs=None, *args, scale: int | None = None, **kwargs):
         if scale is not None:
             _state(self).spec.index(scale)
         return cls_generate(self, input_ids, *args, **kwargs)
-    vision_kwargs = {
-        k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-    }
+    vision_kwargs = _pop_vision_kwargs(kwargs)
     embeds, mask, ids, _, _ = _scaled_inputs(
         self, input_ids, kwargs.pop("attention_mask", None), pixel_values, None, scale, True, vision_kwargs
     )
