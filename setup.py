@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn", "xformers"],
-        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "pillow", "numpy"],
     },
     ext_modules=[],  # fastnest._C (CMakeLists.txt) goes here with its CMake build_ext
 )

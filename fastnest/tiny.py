@@ -17,11 +17,12 @@ def tiny_llava(
     kv_heads: int = 2,
     intermediate: int | None = None,
     vocab: int = 512,
+    image_token_id: int | None = None,
     attn_implementation: str = "sdpa",
 ) -> LlavaForConditionalGeneration:
     """A LLaVA-1.5-shaped model: ``grid x grid`` patches, mlp2x_gelu projector, Llama text model.
 
-    The last vocabulary id is the image placeholder token; id 0 is padding.
+    The image placeholder token defaults to the last vocabulary id; id 0 is padding.
     """
     vision = CLIPVisionConfig(
         image_size=grid * patch_size,
@@ -45,7 +46,7 @@ def tiny_llava(
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=vocab - 1,
+        image_token_id=vocab - 1 if image_token_id is None else image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

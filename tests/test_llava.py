@@ -10,6 +10,7 @@ import torch
 import fastnest
 from fastnest.tiny import tiny_llava
 from tests.batches import IMG, make_batch
+from tests.compare import assert_grads_match
 from tests.reference import reference_greedy, released_m3_loss, scaled_rows
 
 SCALES = (1, 9, 36, 144, 576)
@@ -25,24 +26,6 @@ def pair(seed: int = 0, scales=SCALES, **kw):
     ref = build(seed, **kw).train()
     fast = fastnest.patch_llava(copy.deepcopy(ref), scales=scales).train()
     return ref, fast
-
-
-def assert_grads_match(ref, fast, rtol: float = 2e-4) -> None:
-    """Every gradient within ``rtol`` of the reference, relative to that tensor's largest entry. Gradients that
-    are analytically zero (e.g. attention key biases) are round-off noise: floor the scale at 1e-6 of the
-    model's largest gradient."""
-    floor = 1e-6 * max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
-    checked = 0
-    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
-        if p_ref.grad is None:
-            assert p_fast.grad is None or not p_fast.grad.any(), name
-            continue
-        scale = max(p_ref.grad.abs().max().item(), floor)
-        torch.testing.assert_close(
-            p_fast.grad, p_ref.grad, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}"
-        )
-        checked += 1
-    assert checked > 0
 
 
 MIXED_ROWS = [
