@@ -1,7 +1,7 @@
 """fastnest: Matryoshka multimodal training and inference in one packed pass."""
 
 from .attention import VarlenInfo, varlen_attention
-from .hf import MatryoshkaCausalLMOutput, patch, patch_llava, set_scale, unpatch
+from .hf import PATCHES, MatryoshkaCausalLMOutput, patch, patch_llava, set_scale, unpatch
 from .loss import grouped_cross_entropy
 from .packing import IGNORE_INDEX, MatryoshkaPlan, PackedSequences, pack_sequences, pad_packed, plan_matryoshka
 from .pooling import multiscale_pool
@@ -16,6 +16,7 @@ __all__ = [
     "MatryoshkaCausalLMOutput",
     "MatryoshkaPlan",
     "MatryoshkaScales",
+    "PATCHES",
     "PackedSequences",
     "VarlenInfo",
     "allowed_scales",

@@ -288,3 +288,11 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
     with torch.no_grad():
         fast(**batch.inputs(labels=False))
     assert calls["dense_masks"] > 0  # the spy does see the inference path's masks
+
+
+def test_registry_dispatches_on_model_type():
+    model = fastnest.patch(build(), scales=(1, 576))
+    assert model._fastnest.spec.scales == (1, 576)
+    assert fastnest.PATCHES["llava"] is fastnest.patch_llava
+    with pytest.raises(ValueError, match=r"model_type 'llama'.*\['llava'\]"):
+        fastnest.patch(model.model.language_model)
