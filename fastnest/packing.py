@@ -81,7 +81,7 @@ def pack_sequences(
         return PackedSequences(cu, seqlens, position_ids, source_index, empty, empty, empty)
     flat = torch.cat([lab.long() for lab in labels]) if labels else torch.zeros(0, dtype=torch.long)
     next_label = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
-    next_label[:-1] = flat[1:] if total else flat
+    next_label[:-1] = flat[1:]
     ends = cu[1:].long()[lengths > 0] - 1
     next_label[ends] = IGNORE_INDEX  # the last token of a sequence predicts nothing
     logit_index = (next_label != IGNORE_INDEX).nonzero().squeeze(1)
@@ -170,7 +170,7 @@ def plan_matryoshka(
     text_pos[text_mask] = torch.arange(num_text)
 
     tpi, total = spec.tokens_per_image, spec.total
-    rows: list[tuple[int, list[tuple[torch.Tensor, int, bool]]]] = []  # (row, [(index, start_col, is_img)])
+    rows: list[tuple[int, list[tuple[torch.Tensor, int]]]] = []  # (row, [(columns of a run, images in it)])
     image = 0
     for b in range(ids.shape[0]):
         cols = valid[b].nonzero().squeeze(1)

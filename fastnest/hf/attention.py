@@ -68,7 +68,3 @@ def register(inner: str) -> str:
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, mask)
     return name
-
-
-def inner_name(name: str) -> str:
-    return name[len(PREFIX) :] if name.startswith(PREFIX) else name

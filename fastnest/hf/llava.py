@@ -149,7 +149,7 @@ def _train_step(model, input_ids, attention_mask, pixel_values, labels, num_item
     plan, source = _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs)
     device = source.device
     packed = plan.packed.to(device)
-    info = VarlenInfo.from_seqlens(plan.packed.cu_seqlens, packed.seqlens, device)
+    info = VarlenInfo.from_seqlens(packed.cu_seqlens, packed.seqlens, device)
     with hf_attention.packed_forward():
         out = model.model.language_model(
             inputs_embeds=source[packed.source_index][None],
