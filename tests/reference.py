@@ -37,9 +37,8 @@ def scaled_rows(model, input_ids, attention_mask, pixel_values, labels, scale):
     embed = model.get_input_embeddings()
     rows_embeds, rows_labels, rows_ids = [], [], []
     image = 0
-    tokens_per_image = (
-        None if pooled is None else model.config.vision_config.image_size // model.config.vision_config.patch_size
-    )
+    vision = model.config.vision_config
+    tokens_per_image = (vision.image_size // vision.patch_size) ** 2
     for b in range(input_ids.shape[0]):
         keep = attention_mask[b].bool()
         ids, lab = input_ids[b][keep], labels[b][keep] if labels is not None else None
@@ -51,7 +50,7 @@ def scaled_rows(model, input_ids, attention_mask, pixel_values, labels, scale):
                 out_labels += [-100] * scale
                 out_ids += [image_id] * scale
                 image += 1
-                t += tokens_per_image**2
+                t += tokens_per_image
             else:
                 embeds.append(embed(ids[t : t + 1]))
                 out_labels.append(int(lab[t]) if lab is not None else -100)
