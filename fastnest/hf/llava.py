@@ -177,15 +177,18 @@ def _scaled_inputs(model, input_ids, attention_mask, pixel_values, labels, scale
     spec = state.spec.only(state.scale if scale is None else scale)
     plan, source = _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs)
     index, mask, where = pad_packed(plan.packed, pad_index=source.shape[0] - 1, left=left)
+    # Token ids of that sequence (placeholders at pooled positions), for generate's bookkeeping; built where
+    # input_ids live, so a plain forward pays no device-to-host copy for it.
+    ids_device = input_ids.device
     ids_source = torch.cat(
         [
-            input_ids[plan.text_mask.to(input_ids.device)].cpu(),
-            torch.full((source.shape[0] - 1 - plan.num_text,), model.config.image_token_id),
-            torch.tensor([model.config.text_config.pad_token_id or 0]),
+            input_ids[plan.text_mask.to(ids_device)],
+            torch.full((source.shape[0] - 1 - plan.num_text,), model.config.image_token_id, device=ids_device),
+            torch.tensor([model.config.text_config.pad_token_id or 0], device=ids_device),
         ]
     )
     device = source.device
-    return source[index.to(device)], mask.to(device), ids_source[index].to(input_ids.device), plan, where
+    return source[index.to(device)], mask.to(device), ids_source[index.to(ids_device)], plan, where
 
 
 def _forward(
