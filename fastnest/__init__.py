@@ -5,7 +5,7 @@ from .hf import PATCHES, MatryoshkaCausalLMOutput, patch, patch_llava, set_scale
 from .loss import grouped_cross_entropy
 from .packing import IGNORE_INDEX, MatryoshkaPlan, PackedSequences, pack_sequences, pad_packed, plan_matryoshka
 from .pooling import multiscale_pool
-from .projector import matryoshka_project
+from .projector import MatryoshkaProjector, matryoshka_project
 from .scales import DEFAULT_SCALES, MatryoshkaScales, allowed_scales
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "IGNORE_INDEX",
     "MatryoshkaCausalLMOutput",
     "MatryoshkaPlan",
+    "MatryoshkaProjector",
     "MatryoshkaScales",
     "PATCHES",
     "PackedSequences",

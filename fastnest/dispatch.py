@@ -22,7 +22,8 @@ def _triton_importable() -> bool:
 
 
 @functools.cache
-def _native_error() -> str | None:
+def native_error() -> str | None:
+    """Why the native extension cannot be used (None when it can)."""
     try:
         from . import _C  # noqa: F401
     except ImportError as e:
@@ -31,7 +32,7 @@ def _native_error() -> str | None:
 
 
 def native_available() -> bool:
-    return _native_error() is None
+    return native_error() is None
 
 
 def _unavailable(backend: str, device: torch.device) -> str | None:
@@ -46,7 +47,7 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
         return None
     if device.type != "cpu":
         return f"the native extension runs on CPU tensors, got {device.type}"
-    return _native_error()
+    return native_error()
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:

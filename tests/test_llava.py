@@ -296,3 +296,26 @@ def test_registry_dispatches_on_model_type():
     assert fastnest.PATCHES["llava"] is fastnest.patch_llava
     with pytest.raises(ValueError, match=r"model_type 'llama'.*\['llava'\]"):
         fastnest.patch(model.model.language_model)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_projector_kernels_in_the_training_step(backend, monkeypatch):
+    """patch_llava runs LLaVA's projector through the fused kernels (Triton's interpreter here); same loss/grads."""
+    calls = []
+    original = fastnest.projector._ProjectPool.apply
+    monkeypatch.setattr(fastnest.projector._ProjectPool, "apply", lambda *a: calls.append(a) or original(*a))
+    ref = build(seed=4).train()
+    fast = fastnest.patch_llava(copy.deepcopy(ref), scales=SCALES, backend=backend).train()
+    batch = make_batch(ref, [[6, IMG, 12], [9, IMG, 4]])
+    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=SCALES)
+    out = fast(**batch.inputs())
+    assert len(calls) == (backend == "triton")
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    ref_loss.backward()
+    out.loss.backward()
+    assert_grads_match(ref, fast)
+
+
+def test_unknown_backend_is_rejected_at_patch_time():
+    with pytest.raises(ValueError, match="backend 'cuda' is not one of"):
+        fastnest.patch_llava(build(), backend="cuda")

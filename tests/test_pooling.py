@@ -1,7 +1,5 @@
 """multiscale_pool and matryoshka_project against F.avg_pool2d on the [N, D, grid, grid] view."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,26 +8,14 @@ from fastnest.pooling import multiscale_pool
 from fastnest.projector import matryoshka_project
 from fastnest.scales import MatryoshkaScales
 
+from .projector_reference import reference_pool
+
 TOL = {
     torch.float32: dict(rtol=1e-6, atol=1e-6),
     torch.float64: dict(rtol=1e-12, atol=1e-12),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
     torch.float16: dict(rtol=2e-3, atol=2e-3),
 }
-
-
-def reference_pool(x, grid, scales):
-    """avg_pool2d (kernel = stride = grid / sqrt(s)) on the row-major grid, per scale, concatenated."""
-    n, tokens, d = x.shape
-    assert tokens == grid * grid
-    as_image = x.reshape(n, grid, grid, d).permute(0, 3, 1, 2)  # [N, D, g, g]
-    out = []
-    for s in scales:
-        k = grid // math.isqrt(s)
-        assert k * math.isqrt(s) == grid
-        pooled = F.avg_pool2d(as_image, kernel_size=k, stride=k)  # [N, D, g/k, g/k]
-        out.append(pooled.permute(0, 2, 3, 1).reshape(n, s, d))
-    return torch.cat(out, dim=1)
 
 
 def features(n, grid, d, dtype=torch.float32, seed=0):

@@ -7,15 +7,29 @@ import types
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import LlavaForConditionalGeneration
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers import LlavaForConditionalGeneration, activations
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaMultiModalProjector
 
 from ..attention import VarlenInfo
+from ..dispatch import BACKENDS
 from ..loss import grouped_cross_entropy
 from ..packing import pad_packed, plan_matryoshka
-from ..projector import matryoshka_project
+from ..projector import matryoshka_project, register_gelu, register_projector
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
 from . import attention as hf_attention
+
+# LLaVA's projector is linear_1 -> act -> linear_2: the fused projector kernels compute it when act is a GELU.
+register_projector(LlavaMultiModalProjector, lambda m: (m.linear_1, m.act, m.linear_2))
+# GELUActivation is F.gelu or its erf formula in Python (the same function); the others are its tanh form, written
+# out or not. PytorchGELUTanh is GELUTanh's name in older transformers.
+for _name, _approximate in (
+    ("GELUActivation", "none"),
+    ("GELUTanh", "tanh"),
+    ("PytorchGELUTanh", "tanh"),
+    ("NewGELUActivation", "tanh"),
+):
+    if hasattr(activations, _name):
+        register_gelu(getattr(activations, _name), lambda m, a=_approximate: a)
 
 
 @dataclass
@@ -32,6 +46,7 @@ class _State:
     spec: MatryoshkaScales
     scale: int  # default inference scale
     attn_inner: str
+    backend: str | None  # kernels for fastnest's own ops (fastnest.dispatch); None: chosen per device
 
 
 def _state(model: torch.nn.Module) -> _State:
@@ -52,7 +67,7 @@ def _grid(config) -> int:
 
 
 def patch_llava(
-    model: LlavaForConditionalGeneration, scales: tuple[int, ...] = DEFAULT_SCALES
+    model: LlavaForConditionalGeneration, scales: tuple[int, ...] = DEFAULT_SCALES, backend: str | None = None
 ) -> LlavaForConditionalGeneration:
     """Make ``model`` train on every Matryoshka scale in one packed forward, and infer at any scale.
 
@@ -60,15 +75,19 @@ def patch_llava(
     with ``labels``): ``loss`` = mean over scales of each scale's token-mean next-token cross-entropy,
     ``scale_losses`` per scale. Inference: ``model(..., scale=s)`` / ``model.generate(..., scale=s)`` show the
     language model each image as its ``s`` pooled tokens (default: ``fastnest.set_scale`` or the largest).
+    ``backend`` forces the kernels of fastnest's own ops ("triton", "native", "torch"; None/"auto": Triton on
+    CUDA, the native extension on CPU when built, else PyTorch); an unavailable one raises when it would run.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"patch_llava expects a LlavaForConditionalGeneration, got {type(model).__name__}")
+    if backend not in (None, "auto", *BACKENDS):
+        raise ValueError(f"backend {backend!r} is not one of {(None, 'auto', *BACKENDS)}")
     spec = MatryoshkaScales(_grid(model.config), scales)
     text_config = model.config.text_config
     previous = getattr(model, "_fastnest", None)
     inner = previous.attn_inner if previous else text_config._attn_implementation or "eager"
     text_config._attn_implementation = hf_attention.register(inner)
-    model._fastnest = _State(spec=spec, scale=max(spec.scales), attn_inner=inner)
+    model._fastnest = _State(spec=spec, scale=max(spec.scales), attn_inner=inner, backend=backend)
     model.forward = _bind(model, _forward, type(model).forward)
     model.generate = _bind(model, _generate, type(model).generate)
     return model
@@ -138,7 +157,7 @@ def _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spe
         layer = _given_or(vision_kwargs.get("vision_feature_layer"), config.vision_feature_layer)
         strategy = _given_or(vision_kwargs.get("vision_feature_select_strategy"), config.vision_feature_select_strategy)
         feats = _vision_features(model, pixel_values, layer, strategy)
-        visual = matryoshka_project(feats, model.model.multi_modal_projector, spec)
+        visual = matryoshka_project(feats, model.model.multi_modal_projector, spec, _state(model).backend)
         parts.append(visual.reshape(-1, visual.shape[-1]).to(device, parts[0].dtype))
     parts.append(parts[0].new_zeros(1, parts[0].shape[-1]))  # padding row for padded layouts
     return plan, torch.cat(parts)

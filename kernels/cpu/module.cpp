@@ -1,0 +1,206 @@
+// fastnest._C: a plain CPython module (no torch headers, so it builds without torch). Functions take tensors as
+// data pointers (int), shapes, a dtype code (kernels.h DType) and a thread count; they release the GIL while the
+// kernels run. fastnest/ops/projector_native.py validates tensors before calling them; the checks here only
+// keep a wrong call from touching memory out of bounds where the arguments say so.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using fastnest::DType;
+using fastnest::Gelu;
+using fastnest::Scale;
+
+bool parse_dtype(int code, DType* out) {
+    if (code < 0 || code > 3) {
+        PyErr_Format(PyExc_ValueError, "dtype code %d is not one of 0 (float32), 1 (float64), 2 (bfloat16), "
+                     "3 (float16)", code);
+        return false;
+    }
+    *out = static_cast<DType>(code);
+    return true;
+}
+
+bool parse_gelu(int code, Gelu* out) {
+    if (code != 0 && code != 1) {
+        PyErr_Format(PyExc_ValueError, "approximate code %d is not 0 (none) or 1 (tanh)", code);
+        return false;
+    }
+    *out = static_cast<Gelu>(code);
+    return true;
+}
+
+bool check_positive(const char* name, long long value) {
+    if (value < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= 1, got %lld", name, value);
+        return false;
+    }
+    return true;
+}
+
+bool check_pointer(const char* name, unsigned long long ptr) {
+    if (ptr == 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-null data pointer", name);
+        return false;
+    }
+    return true;
+}
+
+// kernels and offsets: equal-length sequences of ints.
+bool parse_scales(PyObject* kernels, PyObject* offsets, std::vector<Scale>* out) {
+    PyObject* ks = PySequence_Fast(kernels, "kernels must be a sequence of ints");
+    if (ks == nullptr) return false;
+    PyObject* os = PySequence_Fast(offsets, "offsets must be a sequence of ints");
+    if (os == nullptr) {
+        Py_DECREF(ks);
+        return false;
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(ks);
+    bool ok = n == PySequence_Fast_GET_SIZE(os);
+    if (!ok) PyErr_SetString(PyExc_ValueError, "kernels and offsets must have the same length");
+    for (Py_ssize_t i = 0; ok && i < n; ++i) {
+        const long long k = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(ks, i));
+        const long long o = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(os, i));
+        ok = !PyErr_Occurred();
+        if (ok) out->push_back({k, o});
+    }
+    Py_DECREF(ks);
+    Py_DECREF(os);
+    return ok;
+}
+
+// Runs a kernel without the GIL; C++ exceptions become Python ones.
+template <typename F>
+PyObject* run(F&& kernel) {
+    std::string error;
+    PyObject* type = nullptr;
+    Py_BEGIN_ALLOW_THREADS;
+    try {
+        kernel();
+    } catch (const std::invalid_argument& e) {
+        type = PyExc_ValueError;
+        error = e.what();
+    } catch (const std::bad_alloc&) {
+        type = PyExc_MemoryError;
+        error = "out of memory for the kernel's scratch buffers";
+    } catch (const std::exception& e) {
+        type = PyExc_RuntimeError;
+        error = e.what();
+    }
+    Py_END_ALLOW_THREADS;
+    if (type != nullptr) {
+        PyErr_SetString(type, error.c_str());
+        return nullptr;
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* gelu_forward(PyObject*, PyObject* args) {
+    unsigned long long pre, bias, h;
+    long long rows, cols;
+    int dtype_code, gelu_code, threads;
+    if (!PyArg_ParseTuple(args, "KKKLLiii:gelu_forward", &pre, &bias, &h, &rows, &cols, &dtype_code, &gelu_code,
+                          &threads))
+        return nullptr;
+    DType dtype;
+    Gelu kind;
+    if (!parse_dtype(dtype_code, &dtype) || !parse_gelu(gelu_code, &kind) || !check_pointer("pre", pre) ||
+        !check_pointer("h", h) || !check_positive("rows", rows) || !check_positive("cols", cols) ||
+        !check_positive("num_threads", threads))
+        return nullptr;
+    return run([&] {
+        fastnest::gelu_forward(reinterpret_cast<void*>(pre), reinterpret_cast<const void*>(bias),
+                               reinterpret_cast<void*>(h), rows, cols, dtype, kind, threads);
+    });
+}
+
+PyObject* gelu_backward(PyObject*, PyObject* args) {
+    unsigned long long grad, pre;
+    long long n;
+    int dtype_code, gelu_code, threads;
+    if (!PyArg_ParseTuple(args, "KKLiii:gelu_backward", &grad, &pre, &n, &dtype_code, &gelu_code, &threads))
+        return nullptr;
+    DType dtype;
+    Gelu kind;
+    if (!parse_dtype(dtype_code, &dtype) || !parse_gelu(gelu_code, &kind) || !check_pointer("grad", grad) ||
+        !check_pointer("pre", pre) || !check_positive("n", n) || !check_positive("num_threads", threads))
+        return nullptr;
+    return run([&] {
+        fastnest::gelu_backward(reinterpret_cast<void*>(grad), reinterpret_cast<const void*>(pre), n, dtype, kind,
+                                threads);
+    });
+}
+
+PyObject* pool(PyObject*, PyObject* args) {
+    unsigned long long y, bias, out;
+    long long images, grid, channels, total;
+    PyObject *kernels, *offsets;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KKKLLLOOLii:pool", &y, &bias, &out, &images, &grid, &channels,
+                          &kernels, &offsets, &total, &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    std::vector<Scale> scales;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("y", y) || !check_pointer("out", out) ||
+        !check_positive("images", images) || !check_positive("grid", grid) || !check_positive("channels", channels) ||
+        !check_positive("total", total) || !check_positive("num_threads", threads) ||
+        !parse_scales(kernels, offsets, &scales))
+        return nullptr;
+    return run([&] {
+        fastnest::pool(reinterpret_cast<const void*>(y), reinterpret_cast<const void*>(bias),
+                       reinterpret_cast<void*>(out), images, grid, channels, scales, total, dtype, threads);
+    });
+}
+
+PyObject* fold(PyObject*, PyObject* args) {
+    unsigned long long grad_out, grad_y;
+    long long images, grid, channels, total;
+    PyObject *kernels, *offsets;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KKLLLOOLii:fold", &grad_out, &grad_y, &images, &grid, &channels, &kernels, &offsets,
+                          &total, &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    std::vector<Scale> scales;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("grad_out", grad_out) ||
+        !check_pointer("grad_y", grad_y) || !check_positive("images", images) || !check_positive("grid", grid) ||
+        !check_positive("channels", channels) || !check_positive("total", total) ||
+        !check_positive("num_threads", threads) || !parse_scales(kernels, offsets, &scales))
+        return nullptr;
+    return run([&] {
+        fastnest::fold(reinterpret_cast<const void*>(grad_out), reinterpret_cast<void*>(grad_y), images, grid,
+                       channels, scales, total, dtype, threads);
+    });
+}
+
+PyMethodDef methods[] = {
+    {"gelu_forward", gelu_forward, METH_VARARGS,
+     "gelu_forward(pre, bias, h, rows, cols, dtype, approximate, num_threads): h = gelu(pre + bias); with a bias "
+     "(pointer != 0) pre becomes pre + bias. h may equal pre."},
+    {"gelu_backward", gelu_backward, METH_VARARGS,
+     "gelu_backward(grad, pre, n, dtype, approximate, num_threads): grad *= gelu'(pre), in place."},
+    {"pool", pool, METH_VARARGS,
+     "pool(y, bias, out, images, grid, channels, kernels, offsets, total, dtype, num_threads): every scale's "
+     "average pooling of y + bias [images, grid*grid, channels] into out [images, total, channels], one pass."},
+    {"fold", fold, METH_VARARGS,
+     "fold(grad_out, grad_y, images, grid, channels, kernels, offsets, total, dtype, num_threads): the adjoint "
+     "of pool, grad_y [images, grid*grid, channels]."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "fastnest._C",
+    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold); see fastnest/ops/projector_native.py.", -1,
+    methods, nullptr, nullptr, nullptr, nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
