@@ -67,10 +67,12 @@ MIN_CHUNK_ROWS = 256
 
 
 def chunk_rows(num_tokens: int, hidden_size: int, vocab: int) -> int:
-    """Rows per logits chunk: ``ceil(T * Hd / V)``, so that one ``[rows, V]`` chunk holds about as many
-    elements as the hidden input ``[T, Hd]``, but at least ``MIN_CHUNK_ROWS`` (a chunk of at most 256 rows
-    whatever T) and at most ``T`` (at least 1)."""
-    return max(1, min(num_tokens, max(MIN_CHUNK_ROWS, math.ceil(num_tokens * hidden_size / vocab))))
+    """Rows per logits chunk: ``ceil(T * Hd / V)`` rounded up to a multiple of 16 (GEMM tiles; aligned chunk
+    starts), so that one ``[rows, V]`` chunk holds about as many elements as the hidden input ``[T, Hd]``;
+    but at least ``MIN_CHUNK_ROWS`` (small inputs keep efficient GEMMs, still a chunk bounded whatever T)
+    and at most ``T`` (at least 1)."""
+    rows = 16 * math.ceil(num_tokens * hidden_size / (16 * vocab))
+    return max(1, min(num_tokens, max(MIN_CHUNK_ROWS, rows)))
 
 
 def fused_linear_cross_entropy(

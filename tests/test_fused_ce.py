@@ -302,8 +302,10 @@ def test_no_full_logits_ever_exist(backend):
 
 
 def test_chunk_rule():
-    assert chunk_rows(8192, 4096, 128256) == 262  # ceil(T * Hd / V): a chunk the size of the hidden input
-    assert chunk_rows(8192, 4096, 32000) == 1049
+    # ceil(T * Hd / V) (a chunk the size of the hidden input), rounded up to a multiple of 16
+    assert chunk_rows(8192, 4096, 128256) == 272  # 261.6 -> 272
+    assert chunk_rows(8192, 4096, 32000) == 1056  # 1048.6 -> 1056
+    assert chunk_rows(16384, 4096, 32768) == 2048  # exact
     assert chunk_rows(2048, 256, 32000) == MIN_CHUNK_ROWS  # the floor keeps the weight-gradient GEMM efficient
     assert chunk_rows(100, 8, 1000) == 100  # never more than T
     assert chunk_rows(0, 8, 1000) == 1

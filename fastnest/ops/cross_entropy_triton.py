@@ -7,18 +7,23 @@ holds their gradient and the caller's two GEMMs (d hidden, d weight) read it in 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from ..packing import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from .aot import AotConfig
+
 # (BLOCK_V, num_warps) by vocabulary size: a small vocabulary in one block, a large one in 4096-wide blocks
-# (16 fp32 registers per thread at 8 warps: no spills).
+# (AOT-compiled for sm_80 and sm_90: at most 40 registers, no spills).
 _SMALL_VOCAB = (1024, 4)
 _LARGE_VOCAB = (4096, 8)
 _NUM_STAGES = 2
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_LOGIT_TYPES = ("fp32", "bf16", "fp16")  # the chunk buffer has hidden's dtype
 
 
 @triton.jit
@@ -86,22 +91,23 @@ def ce_grad_(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, lo
     )
 
 
-def aot_configs(arch: int) -> list[dict]:
+def aot_configs(arch: int) -> list[AotConfig]:
     """Every configuration ``ce_grad_`` can launch (logits dtype x block choice), for ahead-of-time compilation.
 
-    Each entry has the fields of ``fastnest.ops.aot.AotConfig``. The kernel makes no architecture-specific
-    choice, so ``arch`` does not change the list.
+    The kernel makes no architecture-specific choice, so ``arch`` does not change the list.
     """
+    from .aot import AotConfig
+
     del arch
     configs = []
-    for dtype, name in _DTYPES.items():
+    for name in _LOGIT_TYPES:
         for block, warps in (_SMALL_VOCAB, _LARGE_VOCAB):
             configs.append(
-                dict(
+                AotConfig(
                     name=f"ce_grad_{name}_v{block}",
                     fn=_ce_grad_kernel,
                     signature={
-                        "logits_ptr": f"*{_DTYPES[dtype]}",
+                        "logits_ptr": f"*{name}",
                         "row_stride": "i32",
                         "targets_ptr": "*i64",
                         "coef_ptr": "*fp32",
@@ -112,6 +118,9 @@ def aot_configs(arch: int) -> list[dict]:
                     num_warps=warps,
                     num_stages=_NUM_STAGES,
                     is_gemm=False,
+                    # chunks start at multiples of 16 rows (fastnest.loss.chunk_rows) and real vocabularies are
+                    # multiples of 16 (32000, 32064, 128256)
+                    aligned=("logits_ptr", "targets_ptr", "coef_ptr", "loss_ptr", "row_stride", "vocab"),
                 )
             )
     return configs
