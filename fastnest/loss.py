@@ -94,9 +94,10 @@ def fused_linear_cross_entropy(
     and ``bias [V]`` share one float dtype. Rows go through in chunks of ``chunk_size`` (default
     ``chunk_rows(T, Hd, V)``: a logits chunk about the size of ``hidden``); each chunk's logits are turned
     into their gradient in place and consumed by two GEMMs, so the forward pass also computes the gradients
-    of ``hidden``, ``weight`` (accumulated in fp32 across chunks) and ``bias``. Peak extra memory: one logits
-    chunk, the fp32 weight-gradient accumulator, and ``hidden``-sized gradient. If ``per_group`` itself gets a
-    gradient (not just ``loss``), backward recomputes the chunks with the exact per-token weights.
+    of ``hidden``, ``weight`` (accumulated in fp32 across chunks) and ``bias``. Memory besides inputs and
+    outputs: one logits chunk (and an fp32 copy of it for half dtypes), the fp32 weight-gradient accumulator,
+    and the gradients held from forward to backward (with ``hidden``, kept for the recomputing backward: if
+    ``per_group`` itself gets a gradient, not just ``loss``, backward reruns the chunks with per-group weights).
 
     ``backend``: None/"auto", "triton", "native" or "torch", resolved by ``fastnest.dispatch.resolve_backend``
     (see ``_chunk_kernel`` for what runs).
