@@ -44,3 +44,25 @@ def summary_lines(results: dict[str, dict[str, float]]) -> list[str]:
             f"{_verdict(ratio, TARGETS['vanilla'])}"
         )
     return lines
+
+
+def loss_summary_lines(results: dict[tuple[int, str], dict[str, float]]) -> list[str]:
+    """fused vs. logits_ce per vocabulary: seconds, peak MiB, and the fused/logits_ce ratios."""
+    vocabs = sorted({v for v, name in results if (v, "fused") in results and (v, "logits_ce") in results})
+    if not vocabs:
+        return []
+    lines = [
+        "",
+        "loss alone, T=2048 Hd=256 fp32 forward+backward, one step per fresh process (ratio = fused / logits_ce):",
+        f"  {'vocab':>7}{'fused s':>9}{'logits s':>10}{'fused MiB':>11}{'logits MiB':>12}{'time':>7}{'memory':>8}"
+        f"{'same loss':>11}",
+    ]
+    for vocab in vocabs:
+        fused, plain = results[(vocab, "fused")], results[(vocab, "logits_ce")]
+        same = abs(fused["loss"] - plain["loss"]) <= 1e-5 * abs(plain["loss"])
+        lines.append(
+            f"  {vocab:>7}{fused['seconds']:>9.2f}{plain['seconds']:>10.2f}{fused['peak_bytes'] / 2**20:>11.0f}"
+            f"{plain['peak_bytes'] / 2**20:>12.0f}{fused['seconds'] / plain['seconds']:>6.2f}x"
+            f"{fused['peak_bytes'] / plain['peak_bytes']:>7.2f}x{'yes' if same else 'NO':>11}"
+        )
+    return lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import multiprocessing as mp
 import re
+import time
 from collections.abc import Callable
 
 import torch
@@ -88,43 +89,51 @@ def _status(key: str) -> int:
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def _serve(conn, variant: str, vocab: int, threads: int) -> None:
-    torch.set_num_threads(threads)
+def _llava_step(variant: str, vocab: int) -> Callable[[], float]:
     model = build_model(vocab)
-    step = step_fn(variant, model, build_batch(model))
+    return step_fn(variant, model, build_batch(model))
+
+
+def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, threads: int) -> None:
+    torch.set_num_threads(threads)
+    step = make_step(*args)
     conn.send("ready")
     while (command := conn.recv()) != "stop":
-        if command == "peak":  # resident memory one step adds at its peak over the model + batch
+        if command == "peak":  # resident memory one step adds at its peak over its inputs, and its time
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak-RSS watermark (Linux)
             before = _status("VmRSS")
-            step()
-            conn.send(_status("VmHWM") - before)
+            start = time.perf_counter()
+            loss = step()
+            seconds = time.perf_counter() - start
+            conn.send((_status("VmHWM") - before, seconds, loss))
         else:
             conn.send(step())
 
 
-class StepWorker:
-    """One variant's training step in its own process.
+class Worker:
+    """A step closure, built by the picklable ``make_step(*args)``, run in its own process.
 
     Each variant gets a fresh allocator: in one process, a variant inherits the heap the previous one left
     (the released loop's 3 GB makes the next variant's page faults vanish), which skews time ratios by 30%+.
     ``step()`` costs one pipe round-trip (microseconds) on top of the step.
     """
 
-    def __init__(self, variant: str, vocab: int = 32000, threads: int = 2) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    def __init__(self, make_step: Callable[..., Callable[[], float]], *args, threads: int = 2) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, variant, vocab, threads), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, make_step, args, threads), daemon=True)
         self._proc.start()
         self._conn.recv()
 
-    def peak_memory(self) -> int:
-        """Peak bytes a step adds; call first, before any step has warmed the heap."""
+    def peak_step(self) -> tuple[int, float, float]:
+        """One step's peak added bytes, its seconds and its loss; call first, before any step has warmed the heap."""
         self._conn.send("peak")
         return self._conn.recv()
+
+    def peak_memory(self) -> int:
+        """Peak bytes a step adds; call first, before any step has warmed the heap."""
+        return self.peak_step()[0]
 
     def step(self) -> float:
         self._conn.send("step")
@@ -133,3 +142,12 @@ class StepWorker:
     def close(self) -> None:
         self._conn.send("stop")
         self._proc.join()
+
+
+class StepWorker(Worker):
+    """One variant's LLaVA training step in its own process."""
+
+    def __init__(self, variant: str, vocab: int = 32000, threads: int = 2) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        super().__init__(_llava_step, variant, vocab, threads=threads)

@@ -2,7 +2,7 @@
 
 from .attention import VarlenInfo, varlen_attention
 from .hf import PATCHES, MatryoshkaCausalLMOutput, patch, patch_llava, set_scale, unpatch
-from .loss import grouped_cross_entropy
+from .loss import fused_linear_cross_entropy, grouped_cross_entropy
 from .packing import IGNORE_INDEX, MatryoshkaPlan, PackedSequences, pack_sequences, pad_packed, plan_matryoshka
 from .pooling import multiscale_pool
 from .projector import MatryoshkaProjector, matryoshka_project
@@ -21,6 +21,7 @@ __all__ = [
     "PackedSequences",
     "VarlenInfo",
     "allowed_scales",
+    "fused_linear_cross_entropy",
     "grouped_cross_entropy",
     "matryoshka_project",
     "multiscale_pool",

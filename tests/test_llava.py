@@ -94,6 +94,34 @@ def test_gradient_checkpointing_recomputes_with_packing():
     assert_grads_match(ref, fast)
 
 
+@pytest.mark.parametrize("head", ["tied", "bias"])
+def test_tied_embeddings_and_lm_head_bias(head):
+    """The fused loss reads lm_head's weight (and bias) directly: a weight tied to the input embedding gets both
+    uses' gradients, and a bias counts, as in the released loop."""
+    ref = build(18).train()
+    if head == "tied":
+        ref.lm_head.weight = ref.model.language_model.embed_tokens.weight
+    else:
+        ref.lm_head = torch.nn.Linear(64, 384, bias=True)
+    fast = fastnest.patch_llava(copy.deepcopy(ref), scales=(1, 9)).train()
+    assert (fast.lm_head.weight is fast.model.language_model.embed_tokens.weight) == (head == "tied")
+    batch = make_batch(ref, [[8, IMG, 16], [20]])
+    ref_loss, ref_scales = released_m3_loss(ref, **batch.inputs(), scales=(1, 9))
+    out = fast(**batch.inputs())
+    torch.testing.assert_close(out.scale_losses, ref_scales.detach(), rtol=1e-5, atol=0)
+    ref_loss.backward()
+    out.loss.backward()
+    assert_grads_match(ref, fast)
+
+
+def test_error_lm_head_not_linear():
+    _, fast = pair(seed=19, scales=(1, 576))
+    fast.lm_head = torch.nn.Sequential(fast.lm_head)
+    batch = make_batch(fast, [[6, IMG, 9]])
+    with pytest.raises(ValueError, match="needs an nn.Linear, got Sequential"):
+        fast(**batch.inputs())
+
+
 def test_num_items_in_batch_sets_the_denominator():
     ref, fast = pair(seed=4, scales=(1, 576))
     batch = make_batch(ref, [[8, IMG, 16], [20]])
@@ -260,6 +288,14 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
         lambda m, args, kwargs, out: calls["lm"].append(kwargs["inputs_embeds"].shape), with_kwargs=True
     )
     fast.lm_head.register_forward_hook(lambda m, args, out: calls["head"].append(args[0].shape))
+    calls["loss"] = []
+    fused = fastnest.hf.llava.fused_linear_cross_entropy
+
+    def spy_loss(hidden, weight, *args, **kwargs):
+        calls["loss"].append((hidden.shape, weight is fast.lm_head.weight))
+        return fused(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(fastnest.hf.llava, "fused_linear_cross_entropy", spy_loss)
 
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -282,7 +318,10 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
     expected_logits = sum(n_scales * r[-1] if IMG in r else r[-1] - 1 for r in rows)
     assert calls["vision"] == [sum(r.count(IMG) for r in image_rows)]  # every image through the tower, once
     assert calls["lm"] == [torch.Size([1, expected_len, 64])]  # one packed sequence, no padding
-    assert calls["head"] == [torch.Size([expected_logits, 64])]  # logits only where there are labels
+    # the loss sees hidden states only where there are labels, with lm_head's weight; lm_head's forward (full
+    # logits) never runs in training
+    assert calls["loss"] == [(torch.Size([expected_logits, 64]), True)]
+    assert calls["head"] == []
     assert calls["dense_masks"] == 0
     fast.eval()
     with torch.no_grad():

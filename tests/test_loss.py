@@ -130,3 +130,16 @@ def test_loss_is_mean_of_groups_not_of_tokens():
     loss, per_group = grouped_cross_entropy(logits, targets, tg, 2)
     ce = direct_ce(logits, targets)
     torch.testing.assert_close(loss.double(), (ce[0] + ce[1:].mean()) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_ignored_targets_count_nowhere():
+    # -100 targets add to no group's sum or count; a group left without targets has loss 0/0 = NaN
+    groups = [0, 0, 1, -1, 2, 2]
+    logits, targets, tg = make(6, 9, groups, seed=2)
+    targets[[1, 3]] = -100
+    _, per_group = grouped_cross_entropy(logits, targets, tg, 3)
+    ce = direct_ce(logits, targets.clamp(min=0))
+    expected = torch.stack([ce[0], ce[2], (ce[4] + ce[5]) / 2])
+    torch.testing.assert_close(per_group.double(), expected, rtol=1e-6, atol=1e-6)
+    targets[2] = -100
+    assert torch.isnan(grouped_cross_entropy(logits, targets, tg, 3)[1][1])

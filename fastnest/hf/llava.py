@@ -12,7 +12,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ..attention import VarlenInfo
 from ..dispatch import BACKENDS
-from ..loss import grouped_cross_entropy
+from ..loss import fused_linear_cross_entropy, grouped_cross_entropy
 from ..packing import pad_packed, plan_matryoshka
 from ..projector import matryoshka_project, register_gelu, register_projector
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
@@ -35,7 +35,10 @@ for _name, _approximate in (
 @dataclass
 class MatryoshkaCausalLMOutput(LlavaCausalLMOutputWithPast):
     """LLaVA output plus ``scale_losses`` (training: detached per-scale losses in ``scales`` order) and
-    ``attention_mask`` (inference with images: the mask of the shortened sequence the model saw)."""
+    ``attention_mask`` (inference with images: the mask of the shortened sequence the model saw).
+
+    The training step returns no ``logits``: its loss is computed from the hidden states in chunks, and no
+    logits tensor ever exists in full."""
 
     scale_losses: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
@@ -176,10 +179,23 @@ def _train_step(model, input_ids, attention_mask, pixel_values, labels, num_item
             use_cache=False,
             **{hf_attention.VARLEN_KWARG: info},
         )
-    hidden = out.last_hidden_state[0]
-    logits = model.lm_head(hidden[packed.logit_index])
-    loss, per_scale = grouped_cross_entropy(
-        logits, packed.targets, packed.target_group, len(spec.scales), num_items_in_batch
+    head = model.lm_head
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"the fastnest training step reads lm_head's weight for its fused loss and needs an nn.Linear, "
+            f"got {type(head).__name__}"
+        )
+    # Hidden states at labelled positions only; the fused loss never holds more than one chunk of their logits.
+    hidden = out.last_hidden_state[0][packed.logit_index].to(head.weight.device)
+    loss, per_scale = fused_linear_cross_entropy(
+        hidden,
+        head.weight,
+        packed.targets.to(head.weight.device),
+        packed.target_group.to(head.weight.device),
+        len(spec.scales),
+        bias=head.bias,
+        num_items=num_items_in_batch,
+        backend=_state(model).backend,
     )
     return MatryoshkaCausalLMOutput(loss=loss, scale_losses=per_scale.detach())
 

@@ -27,7 +27,7 @@ from typing import Any
 
 # Modules holding Triton kernels; each exposes aot_configs(arch). tests/test_gpu_ready.py checks that every
 # fastnest/ops/*_triton.py file is listed here.
-KERNEL_MODULES: tuple[str, ...] = ("fastnest.ops.projector_triton",)
+KERNEL_MODULES: tuple[str, ...] = ("fastnest.ops.projector_triton", "fastnest.ops.cross_entropy_triton")
 
 ARCHS = (80, 90)
 # Shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin), CUDA programming guide,
