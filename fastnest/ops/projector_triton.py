@@ -387,8 +387,8 @@ def fused_plan(spec: MatryoshkaScales) -> tuple[dict[int, int], tuple[tuple[int,
 def _pyramid(src: torch.Tensor, out: torch.Tensor, grid: int, levels: tuple[tuple[int, int], ...]) -> None:
     """Pool ``src [N, grid^2, D]`` into ``out [N, total, D]`` for each (kernel, output offset) in ``levels``.
 
-    Finest first; each level reads the finest level already written whose kernel divides its own, so a 27x27
-    grid's 1/9/81-token scales read 81, 9 and 1 rows per output row instead of 729, 81 and 9 each.
+    Finest first; each level reads the coarsest level already written whose kernel divides its own, so a 27x27
+    grid's 81/9/1-token scales each average 3x3 windows of the level before, not 3x3, 9x9 and 27x27 of the grid.
     """
     n, _, d = src.shape
     done: list[tuple[int, int]] = []  # (kernel, offset) of levels written to out
