@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .packing import PackedSequences, key_layout
+from .packing import PackedSequences, cumulative_lengths, key_layout
 
 BACKENDS = ("flash", "xformers", "flex", "sdpa")
 _CUDA_ONLY = {"flash": "flash_attn", "xformers": "xformers"}  # backend -> module it imports
@@ -137,9 +137,8 @@ class VarlenInfo:
         """Sequences laid end to end (``context[i]``: index of an earlier sequence it continues, or -1)."""
         seqlens = tuple(int(n) for n in seqlens)
         seqlens_k, cu_k, key_index = key_layout(seqlens, context)
-        cu_q = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-        cu_q[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int64), 0)
         ctx = tuple(context) if context is not None else (-1,) * len(seqlens)
+        cu_q = cumulative_lengths(seqlens)
         return cls._build(backend, torch.device(device), seqlens, seqlens_k, ctx, cu_q, cu_k, key_index)
 
     @classmethod
@@ -163,9 +162,7 @@ class VarlenInfo:
             max_seqlen_k=max(seqlens_k, default=0),
         )
         prepare = _PREPARE.get(backend)
-        if prepare is not None and info.total:
-            object.__setattr__(info, "prepared", prepare(info, device))
-        return info
+        return replace(info, prepared=prepare(info, device)) if prepare is not None and info.total else info
 
 
 def varlen_attention(
@@ -231,12 +228,8 @@ def _nonempty_offsets(info: VarlenInfo, device: torch.device) -> tuple[torch.Ten
     """Offsets over the sequences that have tokens (empty ones take no positions, so dropping them is free)."""
     q_lens = [n for n in info.seqlens_q if n]
     k_lens = [m for n, m in zip(info.seqlens_q, info.seqlens_k) if n]
-    cus = []
-    for lens in (q_lens, k_lens):
-        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0)
-        cus.append(cu.to(device, non_blocking=True))
-    return cus[0], cus[1], q_lens, k_lens
+    cu_q, cu_k = (cumulative_lengths(lens).to(device, non_blocking=True) for lens in (q_lens, k_lens))
+    return cu_q, cu_k, q_lens, k_lens
 
 
 def _tokens_major(q, k, v, info: VarlenInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

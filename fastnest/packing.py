@@ -74,7 +74,8 @@ _TENSOR_FIELDS = (
 )
 
 
-def _cumulative(lengths: Sequence[int]) -> torch.Tensor:
+def cumulative_lengths(lengths: Sequence[int]) -> torch.Tensor:
+    """``[0, l0, l0 + l1, ...]`` as int32: the offsets (``cu_seqlens``) of sequences laid end to end."""
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
     return cu
@@ -104,15 +105,15 @@ def key_layout(
     context = check_context(context if context is not None else [-1] * len(seqlens), len(seqlens))
     has = [c >= 0 and n > 0 and seqlens[c] > 0 for c, n in zip(context, seqlens)]
     if not any(has):
-        return tuple(seqlens), _cumulative(seqlens), None
-    cu = _cumulative(seqlens).tolist()
+        return tuple(seqlens), cumulative_lengths(seqlens), None
+    cu = cumulative_lengths(seqlens).tolist()
     spans = []
     for i, c in enumerate(context):
         if has[i]:
             spans.append(torch.arange(cu[c], cu[c + 1]))
         spans.append(torch.arange(cu[i], cu[i + 1]))
     seqlens_k = tuple(n + (seqlens[c] if h else 0) for n, c, h in zip(seqlens, context, has))
-    return seqlens_k, _cumulative(seqlens_k), torch.cat(spans)
+    return seqlens_k, cumulative_lengths(seqlens_k), torch.cat(spans)
 
 
 def pack_sequences(
@@ -138,7 +139,7 @@ def pack_sequences(
             if lab.numel() != length:
                 raise ValueError(f"sequence {i} has {length} positions but {lab.numel()} labels")
     lengths = torch.tensor(seqlens, dtype=torch.int64)
-    cu = _cumulative(seqlens)
+    cu = cumulative_lengths(seqlens)
     total = int(cu[-1])
     ctx_len = torch.tensor([seqlens[c] if c >= 0 else 0 for c in ctx], dtype=torch.int64)
     starts = (cu[:-1].long() - ctx_len).repeat_interleave(lengths)
