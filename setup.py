@@ -99,7 +99,8 @@ setup(
         "ninja",
     ],
     extras_require={
-        "gpu": ["flash-attn", "xformers"],
+        # flash-attn 2.1: bottom-right causal alignment; xformers 0.0.28: attention biases built on a device
+        "gpu": ["flash-attn>=2.1", "xformers>=0.0.28"],
         "test": ["pytest", "pytest-benchmark", "ruff", "pillow", "numpy"],
     },
     ext_modules=[CMakeExtension("fastnest._C")],

@@ -66,3 +66,44 @@ def loss_summary_lines(results: dict[tuple[int, str], dict[str, float]]) -> list
             f"{fused['peak_bytes'] / plain['peak_bytes']:>7.2f}x{'yes' if same else 'NO':>11}"
         )
     return lines
+
+
+PREFIX_TARGET = 0.95  # shared-prefix step time must be at most this fraction of the unshared one
+
+
+def prefix_lines(results: dict[str, dict[str, float]]) -> list[str]:
+    """Shared vs. unshared prefix, per attention backend measured (ratio = shared / unshared)."""
+    attentions = dict.fromkeys(key.split("/")[0] for key in results)
+    if not attentions:
+        return []
+    lines = [
+        "",
+        "shared vs. unshared prefix (35-token system prompt, ~100 text tokens; ratio = shared / unshared):",
+        f"  {'attention':<10}{'shared s':>10}{'unshared s':>11}{'time (median)':>15}{'time (min)':>12}"
+        f"{'memory':>8}{'pairs':>8}{'pairs CPU':>10}",
+    ]
+    for attention in attentions:
+        shared, unshared = results.get(f"{attention}/shared"), results.get(f"{attention}/unshared")
+        paired = results.get(f"{attention}/paired")
+        if paired:
+            ratio, how = paired["shared/unshared"], f"median of {paired['pairs']} alternated pairs"
+        elif shared and unshared:
+            ratio, how = shared["median_s"] / unshared["median_s"], "medians"
+        else:
+            continue
+        line = f"  {attention:<10}"
+        if shared and unshared:
+            line += (
+                f"{shared['median_s']:>10.3f}{unshared['median_s']:>11.3f}"
+                f"{shared['median_s'] / unshared['median_s']:>14.3f}x{shared['min_s'] / unshared['min_s']:>11.3f}x"
+                f"{shared['peak_bytes'] / unshared['peak_bytes']:>7.2f}x"
+            )
+        else:
+            line += " " * 55
+        line += f"{paired['shared/unshared']:>7.3f}x" if paired else " " * 8
+        line += f"{paired['cpu shared/unshared']:>9.3f}x" if paired else " " * 10
+        line += f"  {_verdict(ratio, PREFIX_TARGET)} ({how}, wall time)"
+        if shared and unshared:
+            line += f"; loss rel. difference {abs(shared['loss'] - unshared['loss']) / abs(unshared['loss']):.1e}"
+        lines.append(line)
+    return lines

@@ -1,7 +1,12 @@
-"""Issue 2's step benchmark workload: a Llama-style hidden-256 LLaVA, batch 4, text 40-400 tokens.
+"""Step benchmark workloads: a Llama-style hidden-256 LLaVA, batch 4.
 
-Three ways to take one training step (forward + backward) on the same weights and batch:
-- ``fastnest``: the patched model, every scale in one packed forward;
+Workloads: ``"mixed"`` (issue 2: text 40-400 tokens per row) and ``"prefix"`` (issue 4's shared-prefix
+target: a 35-token system prompt, the image, then ~100 tokens of question and answer).
+
+Ways to take one training step (forward + backward) on the same weights and batch:
+- ``fastnest``: the patched model, every scale in one packed forward (default options);
+- ``fastnest/<attention>/<shared|unshared>``: the same with ``patch_llava(attention=..., share_prefix=...)``;
+  flash/xformers/flex run on CUDA in bfloat16 (FlexAttention has no CPU backward);
 - ``released_loop``: the released M3 code's loop (vision + projector per scale, padded batch per scale,
   full fp32 logits), from tests/reference.py;
 - ``vanilla``: plain Hugging Face LLaVA at one scale (576 tokens per image).
@@ -24,6 +29,9 @@ from tests.reference import released_m3_loss
 
 SCALES = (1, 9, 36, 144, 576)
 VARIANTS = ("fastnest", "released_loop", "vanilla")
+ATTENTIONS = ("sdpa", "flash", "xformers", "flex")
+PREFIX_VARIANTS = tuple(f"fastnest/{a}/{s}" for a in ATTENTIONS for s in ("shared", "unshared"))
+WORKLOADS = ("mixed", "prefix")
 SYSTEM_PROMPT = 35  # tokens before the image in LLaVA-1.5's template
 
 
@@ -57,23 +65,54 @@ def build_batch(model, batch_size: int = 4, seed: int = 0):
     return make_batch(model, rows, seed=seed)
 
 
+def build_prefix_batch(model, batch_size: int = 4, seed: int = 0):
+    """Rows of a 35-token system prompt, the image, then 90-110 text tokens: a question and its (labelled)
+    answer, half each: the shape of LLaVA-1.5 instruction data, for the shared-prefix target."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch_size):
+        after = int(torch.randint(90, 111, (1,), generator=g))
+        rows.append([SYSTEM_PROMPT, IMG, after // 2, after - after // 2])
+    return make_batch(model, rows, seed=seed)
+
+
+def check_variant(variant: str) -> dict:
+    """``patch_llava`` options of a fastnest variant (``{}`` for the others); ValueError for unknown names."""
+    if variant in VARIANTS:
+        return {}
+    if variant not in PREFIX_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS + PREFIX_VARIANTS}")
+    _, attention, share = variant.split("/")
+    return {"attention": attention, "share_prefix": share == "shared"}
+
+
+def variant_device(variant: str) -> torch.device:
+    """CUDA for the CUDA-only attention backends (and FlexAttention, whose backward needs it), else CPU."""
+    options = check_variant(variant)
+    return torch.device("cuda" if options.get("attention", "sdpa") != "sdpa" else "cpu")
+
+
 def step_fn(variant: str, model, batch) -> Callable[[], float]:
     """A closure running one forward + backward of ``variant``; returns the loss."""
-    if variant == "fastnest":
-        model = fastnest.patch_llava(copy.deepcopy(model), scales=SCALES)
+    options = check_variant(variant)
+    inputs = batch.inputs()
+    if variant.startswith("fastnest"):
+        device = variant_device(variant)
+        model = fastnest.patch_llava(copy.deepcopy(model), scales=SCALES, **options)
+        if device.type == "cuda":
+            model = model.to(device, torch.bfloat16)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
 
         def run():
-            return model(**batch.inputs()).loss
+            return model(**inputs).loss
     elif variant == "released_loop":
 
         def run():
-            return released_m3_loss(model, **batch.inputs(), scales=SCALES)[0]
-    elif variant == "vanilla":
+            return released_m3_loss(model, **inputs, scales=SCALES)[0]
+    else:  # vanilla
 
         def run():
-            return model(**batch.inputs()).loss
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+            return model(**inputs).loss
 
     def step() -> float:
         model.zero_grad(set_to_none=True)
@@ -89,26 +128,37 @@ def _status(key: str) -> int:
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def _llava_step(variant: str, vocab: int) -> Callable[[], float]:
+def _llava_step(variant: str, vocab: int, workload: str) -> Callable[[], float]:
     model = build_model(vocab)
-    return step_fn(variant, model, build_batch(model))
+    return step_fn(variant, model, (build_prefix_batch if workload == "prefix" else build_batch)(model))
 
 
 def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, threads: int) -> None:
     torch.set_num_threads(threads)
     step = make_step(*args)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # the step was built on the GPU
     conn.send("ready")
     while (command := conn.recv()) != "stop":
-        if command == "peak":  # resident memory one step adds at its peak over its inputs, and its time
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak-RSS watermark (Linux)
-            before = _status("VmRSS")
+        if command == "peak":  # memory one step adds at its peak over its inputs (device or resident), its time
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak-RSS watermark (Linux)
+                before = _status("VmRSS")
             start = time.perf_counter()
             loss = step()
             seconds = time.perf_counter() - start
-            conn.send((_status("VmHWM") - before, seconds, loss))
+            peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
+            conn.send((peak - before, seconds, loss))
+        elif command == "timed":  # (loss, wall s, this process's CPU s), measured here: no pipe in it
+            wall, cpu = time.perf_counter(), time.process_time()
+            loss = step()
+            conn.send((loss, time.perf_counter() - wall, time.process_time() - cpu))
         else:
-            conn.send(step())
+            conn.send(step())  # float(loss) waits for the step, on CUDA too
 
 
 class Worker:
@@ -139,6 +189,12 @@ class Worker:
         self._conn.send("step")
         return self._conn.recv()
 
+    def timed_step(self) -> tuple[float, float, float]:
+        """``(loss, wall seconds, CPU seconds)`` of one step, timed inside the worker. On a shared machine
+        CPU time tracks the work done more steadily than wall time (others' load stretches the latter)."""
+        self._conn.send("timed")
+        return self._conn.recv()
+
     def close(self) -> None:
         self._conn.send("stop")
         self._proc.join()
@@ -147,7 +203,14 @@ class Worker:
 class StepWorker(Worker):
     """One variant's LLaVA training step in its own process."""
 
-    def __init__(self, variant: str, vocab: int = 32000, threads: int = 2) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-        super().__init__(_llava_step, variant, vocab, threads=threads)
+    def __init__(self, variant: str, vocab: int = 32000, threads: int = 2, workload: str = "mixed") -> None:
+        check_variant(variant)
+        if workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
+        super().__init__(_llava_step, variant, vocab, workload, threads=threads)
+
+    def timed_step(self) -> tuple[float, float, float]:
+        """``(loss, wall seconds, CPU seconds)`` of one step, timed inside the worker. On a shared machine
+        CPU time tracks the work done more steadily than wall time (others' load stretches the latter)."""
+        self._conn.send("timed")
+        return self._conn.recv()

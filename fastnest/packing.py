@@ -8,7 +8,7 @@ per step anyway, and the attention backends want host-side sequence lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,19 +25,33 @@ class PackedSequences:
     ``logit_index`` lists the packed positions whose logits predict ``targets`` (next token, never across
     a sequence boundary); ``target_group`` is the loss group of each target (``-1`` counts towards every
     group).
+
+    A sequence may have a *context*: an earlier sequence whose tokens it continues (a shared prefix, packed
+    once). ``context[i]`` is that sequence's index (``-1``: none); sequence ``i``'s positions continue after
+    its context, and its keys are the context's tokens followed by its own (``key_index``: the packed
+    position of every key, sequence by sequence, ``None`` when no sequence has a context; ``cu_seqlens_k``
+    and ``seqlens_k`` delimit them). Queries stay the sequence's own tokens.
     """
 
     cu_seqlens: torch.Tensor  # int32 [num_seqs + 1]
     seqlens: tuple[int, ...]
-    position_ids: torch.Tensor  # int64 [total], restarting at 0 per sequence
+    position_ids: torch.Tensor  # int64 [total], restarting per sequence (after its context)
     source_index: torch.Tensor  # int64 [total]
     logit_index: torch.Tensor  # int64 [num_targets]
     targets: torch.Tensor  # int64 [num_targets]
     target_group: torch.Tensor  # int64 [num_targets]
+    context: tuple[int, ...]
+    cu_seqlens_k: torch.Tensor  # int32 [num_seqs + 1]
+    seqlens_k: tuple[int, ...]
+    key_index: torch.Tensor | None  # int64 [sum(seqlens_k)]
 
     @property
     def max_seqlen(self) -> int:
         return max(self.seqlens, default=0)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(self.seqlens_k, default=0)
 
     @property
     def total(self) -> int:
@@ -45,49 +59,114 @@ class PackedSequences:
 
     def to(self, device: torch.device | str) -> PackedSequences:
         move = {k: getattr(self, k).to(device, non_blocking=True) for k in _TENSOR_FIELDS}
-        return PackedSequences(seqlens=self.seqlens, **move)
+        key_index = None if self.key_index is None else self.key_index.to(device, non_blocking=True)
+        return replace(self, key_index=key_index, **move)
 
 
-_TENSOR_FIELDS = ("cu_seqlens", "position_ids", "source_index", "logit_index", "targets", "target_group")
+_TENSOR_FIELDS = (
+    "cu_seqlens",
+    "position_ids",
+    "source_index",
+    "logit_index",
+    "targets",
+    "target_group",
+    "cu_seqlens_k",
+)
+
+
+def cumulative_lengths(lengths: Sequence[int]) -> torch.Tensor:
+    """``[0, l0, l0 + l1, ...]`` as int32: the offsets (``cu_seqlens``) of sequences laid end to end."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return cu
+
+
+def check_context(context: Sequence[int], num_seqs: int) -> tuple[int, ...]:
+    """Validate per-sequence contexts: ``-1`` or an EARLIER sequence that has no context itself."""
+    context = tuple(int(c) for c in context)
+    if len(context) != num_seqs:
+        raise ValueError(f"got {len(context)} contexts for {num_seqs} sequences")
+    for i, c in enumerate(context):
+        if not (c == -1 or 0 <= c < i) or (c >= 0 and context[c] != -1):
+            raise ValueError(
+                f"context[{i}] = {c}: a context must be -1 or an earlier sequence (< {i}) without a context itself"
+            )
+    return context
+
+
+def key_layout(
+    seqlens: Sequence[int], context: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]:
+    """Keys of every sequence: its context's tokens, then its own (a sequence without tokens has no keys).
+
+    Returns ``(seqlens_k, cu_seqlens_k, key_index)``; ``key_index`` (packed position of each key) is None
+    when no sequence has a context, i.e. when the keys are the queries.
+    """
+    context = check_context(context if context is not None else [-1] * len(seqlens), len(seqlens))
+    has = [c >= 0 and n > 0 and seqlens[c] > 0 for c, n in zip(context, seqlens)]
+    if not any(has):
+        return tuple(seqlens), cumulative_lengths(seqlens), None
+    cu = cumulative_lengths(seqlens).tolist()
+    spans = []
+    for i, c in enumerate(context):
+        if has[i]:
+            spans.append(torch.arange(cu[c], cu[c + 1]))
+        spans.append(torch.arange(cu[i], cu[i + 1]))
+    seqlens_k = tuple(n + (seqlens[c] if h else 0) for n, c, h in zip(seqlens, context, has))
+    return seqlens_k, cumulative_lengths(seqlens_k), torch.cat(spans)
 
 
 def pack_sequences(
     sources: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor] | None = None,
     groups: Sequence[int] | None = None,
+    context: Sequence[int] | None = None,
 ) -> PackedSequences:
     """Pack sequences given as 1-D source-row indices, with per-position labels (``-100`` = none).
 
     Labels are aligned with positions as in Hugging Face: the logits at position ``p`` predict ``labels[p + 1]``.
+    ``context`` (see :class:`PackedSequences`): a sequence with a context continues it, so the context's last
+    token predicts the sequence's first label; those targets (one per such sequence) come after all others.
     """
     if labels is not None and len(labels) != len(sources):
         raise ValueError(f"got {len(labels)} label tensors for {len(sources)} sequences")
     if groups is not None and len(groups) != len(sources):
         raise ValueError(f"got {len(groups)} groups for {len(sources)} sequences")
     seqlens = tuple(int(s.numel()) for s in sources)
+    ctx = check_context(context if context is not None else [-1] * len(seqlens), len(seqlens))
     if labels is not None:
         for i, (length, lab) in enumerate(zip(seqlens, labels)):
             if lab.numel() != length:
                 raise ValueError(f"sequence {i} has {length} positions but {lab.numel()} labels")
     lengths = torch.tensor(seqlens, dtype=torch.int64)
-    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
+    cu = cumulative_lengths(seqlens)
     total = int(cu[-1])
-    starts = cu[:-1].long().repeat_interleave(lengths)
+    ctx_len = torch.tensor([seqlens[c] if c >= 0 else 0 for c in ctx], dtype=torch.int64)
+    starts = (cu[:-1].long() - ctx_len).repeat_interleave(lengths)
     position_ids = torch.arange(total) - starts
     source_index = torch.cat([s.long() for s in sources]) if sources else torch.zeros(0, dtype=torch.long)
+    seqlens_k, cu_k, key_index = key_layout(seqlens, ctx)
+    keys = {"context": ctx, "cu_seqlens_k": cu_k, "seqlens_k": seqlens_k, "key_index": key_index}
     if labels is None:
         empty = torch.zeros(0, dtype=torch.long)
-        return PackedSequences(cu, seqlens, position_ids, source_index, empty, empty, empty)
+        return PackedSequences(cu, seqlens, position_ids, source_index, empty, empty, empty, **keys)
     flat = torch.cat([lab.long() for lab in labels]) if labels else torch.zeros(0, dtype=torch.long)
     next_label = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
     next_label[:-1] = flat[1:]
     ends = cu[1:].long()[lengths > 0] - 1
-    next_label[ends] = IGNORE_INDEX  # the last token of a sequence predicts nothing
+    next_label[ends] = IGNORE_INDEX  # the last token of a sequence predicts nothing (within it)
     logit_index = (next_label != IGNORE_INDEX).nonzero().squeeze(1)
     group_of = torch.tensor(groups if groups is not None else [0] * len(seqlens), dtype=torch.long)
     target_group = group_of.repeat_interleave(lengths)[logit_index]
-    return PackedSequences(cu, seqlens, position_ids, source_index, logit_index, next_label[logit_index], target_group)
+    targets = next_label[logit_index]
+    # across a context: its last token predicts the first label of every sequence continuing it
+    across = [i for i, c in enumerate(ctx) if c >= 0 and seqlens[c] and seqlens[i] and flat[cu[i]] != IGNORE_INDEX]
+    if across:
+        pick = torch.tensor(across)
+        logit_index = torch.cat([logit_index, cu[1:].long()[torch.tensor([ctx[i] for i in across])] - 1])
+        targets = torch.cat([targets, flat[cu[:-1].long()[pick]]])
+        target_group = torch.cat([target_group, group_of[pick]])
+    return PackedSequences(cu, seqlens, position_ids, source_index, logit_index, targets, target_group, **keys)
 
 
 @dataclass(frozen=True)
@@ -98,6 +177,8 @@ class MatryoshkaPlan:
     ``input_ids[text_mask]`` (row-major) and ``visual`` is ``[num_images, spec.total, D]`` (every scale of
     every image, in ``spec.scales`` order). A row with images yields one sequence per scale (group = scale
     index); a row without images yields ONE sequence in group ``-1``, which counts towards every scale.
+    With a shared prefix, a row's text before its first image is one more sequence (group ``-1``), packed
+    just before the row's scale sequences, which have it as their context and hold only what follows it.
     ``sequence_row[i]`` is the batch row of packed sequence ``i``.
     """
 
@@ -139,11 +220,14 @@ def plan_matryoshka(
     image_token_id: int,
     spec: MatryoshkaScales,
     num_images: int,
+    share_prefix: bool = True,
 ) -> MatryoshkaPlan:
     """Plan the packed all-scale batch for processor-style inputs.
 
     ``input_ids [B, L]`` hold each image as ``spec.tokens_per_image`` placeholder tokens (adjacent images form
     one run of a multiple of that length); padding (either side) is dropped via ``attention_mask``.
+    ``share_prefix`` (with two or more scales): a row's text before its first image is packed once, as the
+    context of every scale's sequence (see :class:`PackedSequences`); the result is the same.
     """
     ids = input_ids.detach().cpu()
     if ids.dim() != 2:
@@ -189,10 +273,26 @@ def plan_matryoshka(
             f"input_ids hold {image} image placeholder blocks of {tpi} tokens but {num_images} images were given"
         )
 
-    sources, seq_labels, groups, seq_rows = [], [], [], []
+    share = share_prefix and len(spec.scales) > 1
+    sources, seq_labels, groups, contexts, seq_rows = [], [], [], [], []
+
+    def add(src: list[torch.Tensor], tgt: list, group: int, context: int, row: int) -> None:
+        sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
+        seq_labels.append(torch.cat(tgt) if lab is not None and tgt else torch.zeros(0, dtype=torch.long))
+        groups.append(group)
+        contexts.append(context)
+        seq_rows.append(row)
+
     image = 0
     for b, pieces in rows:
         n_row_images = sum(n for _, n in pieces)
+        prefix = -1
+        if share and n_row_images and pieces[0][1] == 0:
+            # the text before the first image is the same at every scale: pack it once (group -1: its
+            # targets count towards every scale) as the context every scale's sequence continues
+            cols = pieces.pop(0)[0]
+            prefix = len(sources)
+            add([text_pos[b, cols]], [lab[b, cols] if lab is not None else None], -1, -1, b)
         for k in range(len(spec.scales)) if n_row_images else (-1,):
             src, tgt, img = [], [], image
             for cols, n in pieces:
@@ -205,12 +305,9 @@ def plan_matryoshka(
                     src.append(num_text + img * total + off + torch.arange(s))
                     tgt.append(torch.full((s,), IGNORE_INDEX, dtype=torch.long))
                     img += 1
-            sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
-            seq_labels.append(torch.cat(tgt) if lab is not None and tgt else torch.zeros(0, dtype=torch.long))
-            groups.append(k)
-            seq_rows.append(b)
+            add(src, tgt, k, prefix, b)
         image += n_row_images
-    packed = pack_sequences(sources, seq_labels if lab is not None else None, groups)
+    packed = pack_sequences(sources, seq_labels if lab is not None else None, groups, contexts)
     return MatryoshkaPlan(text_mask, num_text, num_images, packed, tuple(seq_rows))
 
 
@@ -219,8 +316,10 @@ def pad_packed(packed: PackedSequences, pad_index: int, left: bool) -> tuple[tor
 
     Returns ``(source_index [n, width], attention_mask [n, width], where [total])``: ``where[p]`` is the flat
     index into ``[n * width]`` that packed position ``p`` lands on (so ``where[packed.logit_index]`` finds
-    the logits that predict ``packed.targets``).
+    the logits that predict ``packed.targets``). Sequences must stand alone (no context).
     """
+    if any(c >= 0 for c in packed.context):
+        raise ValueError("pad_packed lays out sequences that stand alone; plan with share_prefix=False")
     lengths = torch.tensor(packed.seqlens, dtype=torch.long)
     n, width = lengths.numel(), packed.max_seqlen
     seq = torch.arange(n).repeat_interleave(lengths)

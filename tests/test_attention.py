@@ -1,132 +1,200 @@
-"""varlen_attention against explicit per-sequence causal softmax attention in float64."""
+"""varlen_attention, every backend, against explicit per-sequence causal softmax attention in float64.
+
+sdpa runs forward and backward on CPU, flex its forward on CPU; flash, xformers and flex's backward need CUDA
+(and the packages) and are skipped without them.
+"""
 
 import math
 
 import pytest
 import torch
 
-from fastnest.attention import VarlenInfo, varlen_attention
+from fastnest.attention import BACKENDS, VarlenInfo, check_attention, resolve_attention, varlen_attention
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def info_for(seqlens):
-    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)
-    return VarlenInfo.from_seqlens(cu, tuple(seqlens), torch.device("cpu"))
+def reference_attention(q, k, v, seqlens, context=None, scale=None):
+    """Plain loops in float64: for each sequence and head, softmax(Q K^T * scale + mask) V.
 
-
-def reference_attention(q, k, v, seqlens, scale=None):
-    """Plain loops: for each sequence and head, softmax(Q K^T * scale + causal mask) V, in float64.
-
-    q [1, H, T, d], k/v [1, Hkv, T, d]; query head h uses kv head h // (H // Hkv). Returns [1, T, H, d].
+    Sequence i's queries are its own tokens; its keys are its context's tokens (when both have tokens) then
+    its own; query j of n sees key m of M iff m <= j + M - n. q [1, H, T, d], k/v [1, Hkv, T, d]; query head
+    h reads kv head h // (H // Hkv). Returns [1, T, H, d].
     """
     _, h, t, d = q.shape
     hkv = k.shape[1]
     assert h % hkv == 0
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    context = context or [-1] * len(seqlens)
     q, k, v = q.double(), k.double(), v.double()
+    starts = [sum(seqlens[:i]) for i in range(len(seqlens))]
     out = q.new_zeros(t, h, d)
-    start = 0
-    for n in seqlens:
+    for i, n in enumerate(seqlens):
+        own = list(range(starts[i], starts[i] + n))
+        c = context[i]
+        keys = (list(range(starts[c], starts[c] + seqlens[c])) if c >= 0 else []) + own
+        m = len(keys)
         for head in range(h if n else 0):
             kv = head // (h // hkv)
-            qs = q[0, head, start : start + n]
-            ks = k[0, kv, start : start + n]
-            vs = v[0, kv, start : start + n]
-            scores = qs @ ks.T * scale
-            causal = torch.arange(n)[:, None] >= torch.arange(n)[None, :]  # key j <= query i
-            scores = torch.where(causal, scores, float("-inf"))
+            scores = q[0, head, own] @ k[0, kv, keys].T * scale
+            visible = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+            scores = torch.where(visible, scores, float("-inf"))
             p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-            out[start : start + n, head] = (p / p.sum(dim=-1, keepdim=True)) @ vs
-        start += n
+            out[own, head] = (p / p.sum(dim=-1, keepdim=True)) @ v[0, kv, keys]
     return out.unsqueeze(0)
 
 
-def make_qkv(t, h, hkv, d, seed, dtype=torch.float32):
+def make_qkv(t, h, hkv, d, seed, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, h, t, d, generator=g, dtype=torch.float64).to(dtype)
-    k = torch.randn(1, hkv, t, d, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(1, hkv, t, d, generator=g, dtype=torch.float64).to(dtype)
-    return q, k, v
+    return tuple(
+        torch.randn(1, heads, t, d, generator=g, dtype=torch.float64).to(device, dtype) for heads in (h, hkv, hkv)
+    )
 
 
-SEQLENS = [(7,), (3, 5), (4, 0, 6), (1, 1, 1), (0, 5), (5, 0), (2, 6, 1, 3)]
-HEADS = [(4, 4), (4, 2), (6, 1), (2, 1)]  # (H, Hkv): MHA, GQA, MQA
+# (seqlens, context): plain packing, then shared prefixes (a context is an earlier sequence)
+CASES = [
+    ((7,), None),
+    ((3, 5), None),
+    ((4, 0, 6), None),
+    ((0, 5), None),
+    ((5, 0), None),
+    ((2, 6, 1, 3), None),
+    ((3, 4, 5), (-1, 0, 0)),
+    ((3, 0, 5, 2, 1, 4), (-1, 0, 0, -1, 3, 3)),  # an empty continuation
+    ((0, 3, 2), (-1, 0, -1)),  # an empty context
+    ((6, 1, 9, 2, 2, 3), (-1, 0, 0, -1, -1, 4)),  # one-token continuation; a prefix read by one sequence
+]
+HEADS = [(4, 4), (4, 2), (6, 1)]  # (H, Hkv): MHA, GQA, MQA
+# per backend: (device, dtype, tolerance against float64)
+SETUPS = {
+    "sdpa": [("cpu", torch.float32, 1e-5), ("cpu", torch.float64, 1e-10)],
+    "flex": [("cpu", torch.float32, 1e-5), ("cuda", torch.float32, 2e-3)],
+    "xformers": [("cuda", torch.float32, 2e-3), ("cuda", torch.bfloat16, 3e-2)],
+    "flash": [("cuda", torch.bfloat16, 3e-2), ("cuda", torch.float16, 5e-3)],
+}
+PARAMS = [pytest.param(b, dev, dt, tol, id=f"{b}-{dev}-{str(dt)[6:]}") for b in BACKENDS for dev, dt, tol in SETUPS[b]]
+
+
+def backend_or_skip(backend, device, dtype, backward):
+    if torch.device(device).type == "cuda" and not CUDA:
+        pytest.skip("needs CUDA")
+    try:
+        return resolve_attention(backend, device, dtype, backward=backward)
+    except ValueError as e:  # a package missing on this CUDA machine
+        pytest.skip(str(e))
+
+
+def info_for(seqlens, context=None, backend="sdpa", device="cpu"):
+    return VarlenInfo.from_seqlens(seqlens, context, device=device, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device, dtype, tol", PARAMS)
+@pytest.mark.parametrize("seqlens, context", CASES)
+@pytest.mark.parametrize("h, hkv", HEADS)
+def test_forward(backend, device, dtype, tol, seqlens, context, h, hkv):
+    backend_or_skip(backend, device, dtype, backward=False)
+    d = 16
+    q, k, v = make_qkv(sum(seqlens), h, hkv, d, seed=sum(seqlens) + h, dtype=dtype, device=device)
+    with torch.no_grad():
+        out = varlen_attention(q, k, v, info_for(seqlens, context, backend, device))
+    assert out.shape == (1, sum(seqlens), h, d)
+    assert out.dtype == dtype and out.device.type == torch.device(device).type
+    want = reference_attention(q.cpu(), k.cpu(), v.cpu(), seqlens, context)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
+
+
+BACKWARD = [p for p in PARAMS if not (p.values[0] == "flex" and p.values[1] == "cpu")]
+
+
+@pytest.mark.parametrize("backend, device, dtype, tol", BACKWARD)
+@pytest.mark.parametrize("seqlens, context", [c for c in CASES if sum(c[0]) > 0][2:])
+@pytest.mark.parametrize("h, hkv", HEADS)
+def test_backward(backend, device, dtype, tol, seqlens, context, h, hkv):
+    backend_or_skip(backend, device, dtype, backward=True)
+    d, t = 16, sum(seqlens)
+    q, k, v = make_qkv(t, h, hkv, d, seed=7 * t + hkv, dtype=dtype, device=device)
+    w = torch.randn(1, t, h, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    got = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = varlen_attention(*got, info_for(seqlens, context, backend, device), scale=0.3)
+    (out.cpu().double() * w).sum().backward()
+    want = [x.cpu().double().requires_grad_(True) for x in (q, k, v)]
+    (reference_attention(*want, seqlens, context, scale=0.3) * w).sum().backward()
+    for name, a, b in zip("qkv", got, want):
+        assert a.grad.dtype == dtype and a.grad.shape == b.shape, name
+        scale = b.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.cpu().double(), b.grad, rtol=tol, atol=tol * scale, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("scale", [0.1, 0.7])
+def test_explicit_scale(backend, scale):
+    seqlens, context = (3, 0, 5, 4), (-1, 0, 0, -1)
+    q, k, v = make_qkv(12, 4, 2, 16, seed=2)
+    with torch.no_grad():
+        out = varlen_attention(q, k, v, info_for(seqlens, context, backend), scale=scale)
+        default = varlen_attention(q, k, v, info_for(seqlens, context, backend))
+    want = reference_attention(q, k, v, seqlens, context, scale)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, default, atol=1e-3)  # the default scale (1/sqrt(16)) is a different function
 
 
 def test_info_from_seqlens():
     info = info_for((3, 0, 5))
-    assert info.cu_seqlens.tolist() == [0, 3, 3, 8]
-    assert info.cu_seqlens.dtype == torch.int32
-    assert info.seqlens == (3, 0, 5)
-    assert info.max_seqlen == 5
-    assert info_for(()).max_seqlen == 0
+    assert info.cu_seqlens_q.tolist() == [0, 3, 3, 8] and info.cu_seqlens_q.dtype == torch.int32
+    assert info.cu_seqlens_k is info.cu_seqlens_q and info.key_index is None
+    assert info.seqlens_q == info.seqlens_k == (3, 0, 5)
+    assert info.max_seqlen_q == info.max_seqlen_k == 5
+    assert info_for(()).max_seqlen_q == 0
 
 
-@pytest.mark.parametrize("seqlens", SEQLENS)
-@pytest.mark.parametrize("h, hkv", HEADS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward(seqlens, h, hkv, dtype):
-    d = 8
-    q, k, v = make_qkv(sum(seqlens), h, hkv, d, seed=sum(seqlens) + h, dtype=dtype)
-    out = varlen_attention(q, k, v, info_for(seqlens))
-    assert out.shape == (1, sum(seqlens), h, d)
-    assert out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, seqlens), rtol=tol, atol=tol)
+def test_info_with_context():
+    info = info_for((2, 3, 0, 1), (-1, 0, 0, 0))
+    assert info.seqlens_k == (2, 5, 0, 3)
+    assert info.cu_seqlens_k.tolist() == [0, 2, 7, 7, 10] and info.cu_seqlens_k.dtype == torch.int32
+    assert info.key_index.tolist() == [0, 1, 0, 1, 2, 3, 4, 0, 1, 5]
+    assert (info.max_seqlen_q, info.max_seqlen_k) == (3, 5)
+    assert isinstance(info.max_seqlen_k, int)  # host values: no synchronisation in the layers
 
 
-@pytest.mark.parametrize("scale", [0.1, 1.0, 0.7])
-@pytest.mark.parametrize("h, hkv", [(4, 4), (4, 2)])
-def test_explicit_scale(scale, h, hkv):
-    seqlens = (3, 0, 5)
-    q, k, v = make_qkv(8, h, hkv, 16, seed=2)
-    out = varlen_attention(q, k, v, info_for(seqlens), scale=scale)
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, seqlens, scale), rtol=1e-5, atol=1e-5)
-    # the default scale (1/sqrt(16) = 0.25) is a different function
-    assert not torch.allclose(out, varlen_attention(q, k, v, info_for(seqlens)), atol=1e-3)
+def test_flex_block_mask_built_once_per_info():
+    info = info_for((3, 4, 5), (-1, 0, 0), "flex")
+    mask = info.prepared
+    assert mask is not None and mask.shape[-2:] == (12, 12)
+    q, k, v = make_qkv(12, 2, 2, 8, seed=4)
+    with torch.no_grad():
+        varlen_attention(q, k, v, info)
+    assert info.prepared is mask
 
 
-@pytest.mark.parametrize("seqlens", [(3, 5), (4, 0, 6), (2, 6, 1, 3), (0, 4, 0)])
-@pytest.mark.parametrize("h, hkv", HEADS)
-def test_backward(seqlens, h, hkv):
-    d, t = 8, sum(seqlens)
-    q, k, v = make_qkv(t, h, hkv, d, seed=7 * t + hkv)
-    w = torch.randn(1, t, h, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-
-    got = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    (varlen_attention(*got, info_for(seqlens), scale=0.3).double() * w).sum().backward()
-    want = [x.double().requires_grad_(True) for x in (q, k, v)]
-    (reference_attention(*want, seqlens, scale=0.3) * w).sum().backward()
-    for name, a, b in zip("qkv", got, want):
-        assert a.grad.dtype == torch.float32, name
-        assert a.grad.shape == b.shape, name
-        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
-
-
-def test_causal_first_token_sees_only_itself():
-    # the first token of every sequence attends only to itself: its output is its own value row
-    seqlens = (3, 4, 2)
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_causal_first_token_sees_only_itself(backend):
+    # the first token of every sequence without a context attends only to itself: its output is its value row
     q, k, v = make_qkv(9, 2, 2, 4, seed=3)
-    out = varlen_attention(q, k, v, info_for(seqlens))
+    with torch.no_grad():
+        out = varlen_attention(q, k, v, info_for((3, 4, 2), backend=backend))
     for start in (0, 3, 7):
         torch.testing.assert_close(out[0, start], v[0, :, start])
 
 
-def _run(q, k, v, seqlens, w):
+def _run(q, k, v, seqlens, context, w):
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    out = varlen_attention(*leaves, info_for(seqlens))
+    out = varlen_attention(*leaves, info_for(seqlens, context))
     (out * w).sum().backward()
     return out.detach(), [x.grad for x in leaves]
 
 
 @pytest.mark.parametrize("h, hkv", [(4, 4), (4, 2)])
-@pytest.mark.parametrize("seqlens", [(4, 5, 3), (4, 0, 5, 3)])
-def test_no_leakage_between_sequences(h, hkv, seqlens):
-    """Perturbing one sequence's q/k/v leaves every other sequence's outputs and input gradients unchanged."""
+@pytest.mark.parametrize("seqlens, context", [((4, 5, 3), None), ((4, 0, 5, 3), None), ((3, 4, 2, 5), (-1, 0, 0, -1))])
+def test_no_leakage_between_sequences(h, hkv, seqlens, context):
+    """Perturbing one sequence's q/k/v leaves the outputs and input gradients of every sequence that does
+    not read it unchanged (a context is read by its continuations, and receives their gradients)."""
+    context = context or [-1] * len(seqlens)
     t, d = sum(seqlens), 8
     q, k, v = make_qkv(t, h, hkv, d, seed=11)
     w = torch.randn(1, t, h, d, generator=torch.Generator().manual_seed(4))
-    base_out, base_grads = _run(q, k, v, seqlens, w)
+    base_out, base_grads = _run(q, k, v, seqlens, context, w)
     bounds = torch.tensor((0, *seqlens)).cumsum(0).tolist()
     for i, n in enumerate(seqlens):
         if n == 0:
@@ -136,16 +204,21 @@ def test_no_leakage_between_sequences(h, hkv, seqlens):
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
         for x in (q2, k2, v2):
             x[:, :, span] += 5 * torch.randn(x[:, :, span].shape, generator=g)
-        out, grads = _run(q2, k2, v2, seqlens, w)
-        # the perturbed sequence itself does change (the test can see a difference)
+        out, grads = _run(q2, k2, v2, seqlens, context, w)
         assert not torch.allclose(out[:, span], base_out[:, span], atol=1e-3)
         for j, m in enumerate(seqlens):
             if j == i or m == 0:
                 continue
             other = slice(bounds[j], bounds[j + 1])
+            if context[j] == i:  # j continues i: its outputs change
+                assert not torch.allclose(out[:, other], base_out[:, other], atol=1e-4)
+                continue
             torch.testing.assert_close(out[:, other], base_out[:, other], rtol=1e-6, atol=1e-6)
             for name, a, b in zip("qkv", grads, base_grads):
-                torch.testing.assert_close(a[:, :, other], b[:, :, other], rtol=1e-6, atol=1e-6, msg=f"grad {name}")
+                if context[i] == j and name != "q":  # i reads j's keys and values: their gradients change
+                    assert not torch.allclose(a[:, :, other], b[:, :, other], atol=1e-4), name
+                else:
+                    torch.testing.assert_close(a[:, :, other], b[:, :, other], rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_empty_sequence_in_middle_matches_no_empty():
@@ -153,3 +226,58 @@ def test_empty_sequence_in_middle_matches_no_empty():
     a = varlen_attention(q, k, v, info_for((4, 0, 5)))
     b = varlen_attention(q, k, v, info_for((4, 5)))
     torch.testing.assert_close(a, b)
+
+
+# --- choosing a backend ---------------------------------------------------------------------------------------
+
+
+def test_auto_resolves_to_sdpa_on_cpu_and_never_to_flex():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert resolve_attention("auto", "cpu", dtype) == "sdpa"
+    if not CUDA:
+        assert resolve_attention("auto", "cuda", torch.bfloat16) == "sdpa"  # nothing else can run here
+    assert resolve_attention("sdpa", "cpu", torch.float32) == "sdpa"
+    assert resolve_attention("flex", "cpu", torch.float32, backward=False) == "flex"
+
+
+@pytest.mark.parametrize("name", ["flash2", "eager", "SDPA", ""])
+def test_error_unknown_backend(name):
+    with pytest.raises(ValueError, match=r"is not one of \('auto', 'flash', 'xformers', 'flex', 'sdpa'\)"):
+        check_attention(name)
+    with pytest.raises(ValueError, match="is not one of"):
+        info_for((2, 3), backend=name)
+
+
+@pytest.mark.parametrize("backend, package", [("flash", "flash_attn"), ("xformers", "xformers")])
+def test_error_cuda_backend_on_cpu(backend, package):
+    with pytest.raises(ValueError, match=rf"attention '{backend}' .*({package}|CUDA)"):
+        resolve_attention(backend, "cpu", torch.bfloat16)
+    if not CUDA:  # unavailable in this process: already at the check done when patching
+        with pytest.raises(ValueError, match=rf"attention '{backend}' is unavailable: .*{package}"):
+            check_attention(backend)
+
+
+def test_error_flash_in_float32():
+    with pytest.raises(ValueError, match="flash"):
+        resolve_attention("flash", "cuda", torch.float32)
+
+
+def test_error_flex_backward_on_cpu():
+    with pytest.raises(ValueError, match="FlexAttention's backward needs CUDA"):
+        resolve_attention("flex", "cpu", torch.float32, backward=True)
+
+
+def test_error_flex_dropout():
+    q, k, v = make_qkv(5, 2, 2, 8, seed=1)
+    with pytest.raises(ValueError, match="dropout"):
+        varlen_attention(q, k, v, info_for((5,), backend="flex"), dropout=0.1)
+
+
+def test_error_shapes():
+    q, k, v = make_qkv(6, 4, 2, 8, seed=1)
+    with pytest.raises(ValueError, match="sum to 5 but query/key/value hold 6/6/6"):
+        varlen_attention(q, k, v, info_for((2, 3)))
+    with pytest.raises(ValueError, match="3 key/value heads"):
+        varlen_attention(q, k[:, :1].expand(1, 3, 6, 8), v[:, :1].expand(1, 3, 6, 8), info_for((6,)))
+    with pytest.raises(ValueError, match=r"\[1, heads, tokens, dim\]"):
+        varlen_attention(q[0], k, v, info_for((6,)))

@@ -1,8 +1,10 @@
-"""patch_llava against the released algorithm (tests/reference.py), on CPU."""
+"""patch_llava against the released algorithm (tests/reference.py), on CPU (and on CUDA where there is one)."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 
 import pytest
 import torch
@@ -28,45 +30,76 @@ def pair(seed: int = 0, scales=SCALES, **kw):
     return ref, fast
 
 
-MIXED_ROWS = [
-    [35, IMG, 40],  # system prompt, image, answer
-    [5, IMG, 200],  # long text
-    [60],  # text-only row
-    [10, IMG, 7, IMG, 25],  # two images in one row
-]
+@functools.cache
+def released_step(seed: int, rows: tuple, padding_side: str = "right", scales=SCALES, answer_only=True, **kw):
+    """The released loop's loss and gradients on a fresh model (cached: tests compare several patched copies
+    with one reference step). Returns ``(ref model holding its gradients, batch, loss, per-scale losses)``."""
+    ref = build(seed, **kw).train()
+    batch = make_batch(ref, [list(r) for r in rows], padding_side=padding_side, answer_only=answer_only)
+    loss, per_scale = released_m3_loss(ref, **batch.inputs(), scales=scales)
+    loss.backward()
+    return ref, batch, loss.detach(), per_scale.detach()
 
 
+def patched(ref, scales=SCALES, **options):
+    """A patched copy of ``ref`` in train mode, without ``ref``'s gradients."""
+    fast = fastnest.patch_llava(copy.deepcopy(ref), scales=scales, **options).train()
+    fast.zero_grad(set_to_none=True)
+    return fast
+
+
+MIXED_ROWS = (
+    (35, IMG, 40),  # system prompt, image, answer
+    (5, IMG, 200),  # long text
+    (60,),  # text-only row
+    (10, IMG, 7, IMG, 25),  # two images in one row: the prefix is the text before the first
+    (IMG, 30),  # image first: no prefix
+)
+SHARE = pytest.mark.parametrize("share_prefix", [True, False], ids=["shared", "unshared"])
+
+
+@SHARE
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_training_matches_released_loop(padding_side):
-    ref, fast = pair()
-    batch = make_batch(ref, MIXED_ROWS, padding_side=padding_side)
-    ref_loss, ref_scales = released_m3_loss(ref, **batch.inputs(), scales=SCALES)
+def test_training_matches_released_loop(padding_side, share_prefix):
+    ref, batch, ref_loss, ref_scales = released_step(0, MIXED_ROWS, padding_side)
+    fast = patched(ref, share_prefix=share_prefix)
     out = fast(**batch.inputs())
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.scale_losses, ref_scales.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.scale_losses, ref_scales, rtol=1e-5, atol=0)
     assert out.loss.dtype == torch.float32 and not out.scale_losses.requires_grad
     assert out.logits is None  # no full logits in training
-    ref_loss.backward()
     out.loss.backward()
     assert_grads_match(ref, fast)
 
 
-def test_custom_scale_subset_and_all_text_labels():
-    ref, fast = pair(seed=1, scales=(9, 576))
-    batch = make_batch(ref, [[3, IMG, 30], [12, IMG, 9]], answer_only=False)
-    ref_loss, ref_scales = released_m3_loss(ref, **batch.inputs(), scales=(9, 576))
+@SHARE
+def test_custom_scale_subset_and_all_text_labels(share_prefix):
+    # every text token labelled: the prefixes hold targets, counted once per scale either way
+    ref, batch, _, ref_scales = released_step(1, ((3, IMG, 30), (12, IMG, 9)), scales=(9, 576), answer_only=False)
+    fast = patched(ref, scales=(9, 576), share_prefix=share_prefix)
     out = fast(**batch.inputs())
-    torch.testing.assert_close(out.scale_losses, ref_scales.detach(), rtol=1e-5, atol=0)
-    ref_loss.backward()
+    torch.testing.assert_close(out.scale_losses, ref_scales, rtol=1e-5, atol=0)
     out.loss.backward()
     assert_grads_match(ref, fast)
 
 
-def test_adjacent_images_form_one_run():
-    ref, fast = pair(seed=2, scales=(1, 36, 576))
-    batch = make_batch(ref, [[4, IMG, IMG, 20], [30]])
-    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=(1, 36, 576))
+@SHARE
+def test_adjacent_images_form_one_run(share_prefix):
+    ref, batch, ref_loss, _ = released_step(2, ((4, IMG, IMG, 20), (30,)), scales=(1, 36, 576))
+    fast = patched(ref, scales=(1, 36, 576), share_prefix=share_prefix)
     torch.testing.assert_close(fast(**batch.inputs()).loss, ref_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])  # MQA and MHA (the default tiny model is GQA: 4 heads, 2 KV heads)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_shared_prefix_other_kv_heads(kv_heads, padding_side):
+    rows = ((6, IMG, 12), (IMG, 9), (3, IMG, 2, IMG, 5))
+    ref, batch, ref_loss, _ = released_step(18, rows, padding_side, scales=(1, 36, 576), kv_heads=kv_heads)
+    fast = patched(ref, scales=(1, 36, 576))
+    out = fast(**batch.inputs())
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    out.loss.backward()
+    assert_grads_match(ref, fast)
 
 
 def test_frozen_vision_tower_gets_no_grad():
@@ -80,16 +113,15 @@ def test_frozen_vision_tower_gets_no_grad():
     assert_grads_match(ref, fast)
 
 
-def test_gradient_checkpointing_recomputes_with_packing():
-    ref, fast = pair(seed=15, scales=(1, 36, 576))
+@SHARE
+def test_gradient_checkpointing_recomputes_with_packing(share_prefix):
+    ref, batch, ref_loss, _ = released_step(15, ((8, IMG, 16), (20,)), scales=(1, 36, 576))
+    fast = patched(ref, scales=(1, 36, 576), share_prefix=share_prefix)
     fast.gradient_checkpointing_enable() if not hasattr(
         fast, "activation_checkpointing_enable"
     ) else fast.activation_checkpointing_enable()
-    batch = make_batch(ref, [[8, IMG, 16], [20]])
-    ref_loss, _ = released_m3_loss(ref, **batch.inputs(), scales=(1, 36, 576))
     out = fast(**batch.inputs())
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    ref_loss.backward()
     out.loss.backward()
     assert_grads_match(ref, fast)
 
@@ -278,11 +310,20 @@ def test_error_patch_wrong_model_type():
         fastnest.patch_llava(torch.nn.Linear(2, 2))
 
 
-def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
+@SHARE
+def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch, share_prefix):
     _, fast = pair(seed=17)
-    rows = [[35, IMG, 40], [60], [10, IMG, 7, IMG, 25]]
+    fastnest.patch_llava(fast, share_prefix=share_prefix)
+    rows = [[35, IMG, 40], [60], [10, IMG, 7, IMG, 25], [IMG, 12]]
     batch = make_batch(fast, rows)
-    calls = {"vision": [], "lm": [], "head": [], "dense_masks": 0}
+    calls = {"vision": [], "lm": [], "head": [], "dense_masks": 0, "varlen_infos": 0}
+    from_packed = fastnest.VarlenInfo.from_packed.__func__
+
+    def counting_info(cls, *args, **kwargs):
+        calls["varlen_infos"] += 1
+        return from_packed(cls, *args, **kwargs)
+
+    monkeypatch.setattr(fastnest.VarlenInfo, "from_packed", classmethod(counting_info))
     fast.model.vision_tower.register_forward_hook(lambda m, args, out: calls["vision"].append(args[0].shape[0]))
     fast.model.language_model.register_forward_hook(
         lambda m, args, kwargs, out: calls["lm"].append(kwargs["inputs_embeds"].shape), with_kwargs=True
@@ -314,6 +355,8 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
     expected_len = sum(
         n_scales * text_tokens[id(r)] + per_image * r.count(IMG) if IMG in r else text_tokens[id(r)] for r in rows
     )
+    if share_prefix:  # each image row's text before its first image is packed once, not once per scale
+        expected_len -= (n_scales - 1) * sum(r[0] for r in image_rows if r[0] != IMG)
     # make_batch labels each row's last text segment; a row's very first token has no logit predicting it
     expected_logits = sum(n_scales * r[-1] if IMG in r else r[-1] - 1 for r in rows)
     assert calls["vision"] == [sum(r.count(IMG) for r in image_rows)]  # every image through the tower, once
@@ -323,6 +366,7 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch):
     assert calls["loss"] == [(torch.Size([expected_logits, 64]), True)]
     assert calls["head"] == []
     assert calls["dense_masks"] == 0
+    assert calls["varlen_infos"] == 1  # the packing reaches the attention layers built once per step
     fast.eval()
     with torch.no_grad():
         fast(**batch.inputs(labels=False))
@@ -358,3 +402,55 @@ def test_projector_kernels_in_the_training_step(backend, monkeypatch):
 def test_unknown_backend_is_rejected_at_patch_time():
     with pytest.raises(ValueError, match="backend 'cuda' is not one of"):
         fastnest.patch_llava(build(), backend="cuda")
+
+
+# --- attention backends -----------------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+
+
+def test_error_attention_checked_when_patching():
+    model = build()
+    with pytest.raises(ValueError, match=r"attention 'flash3' is not one of \('auto', 'flash', 'xformers'"):
+        fastnest.patch_llava(model, attention="flash3")
+    assert not hasattr(model, "_fastnest")  # nothing was patched
+    for backend, package in (("flash", "flash_attn"), ("xformers", "xformers")):
+        if CUDA and importlib.util.find_spec(package) is not None:
+            continue  # available here
+        with pytest.raises(ValueError, match=rf"attention '{backend}' is unavailable: .*{package}"):
+            fastnest.patch_llava(model, attention=backend)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_explicit_sdpa_and_flex_forward_on_cpu():
+    ref, batch, ref_loss, _ = released_step(2, ((4, IMG, IMG, 20), (30,)), scales=(1, 36, 576))
+    sdpa = patched(ref, scales=(1, 36, 576), attention="sdpa")
+    torch.testing.assert_close(sdpa(**batch.inputs()).loss, ref_loss, rtol=1e-5, atol=0)
+    flex = patched(ref, scales=(1, 36, 576), attention="flex")
+    with pytest.raises(ValueError, match="FlexAttention's backward needs CUDA"):
+        flex(**batch.inputs())  # a training step needs the backward, which FlexAttention has only on CUDA
+    with torch.no_grad():
+        torch.testing.assert_close(flex(**batch.inputs()).loss, ref_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@SHARE
+@pytest.mark.parametrize("attention", ["flash", "xformers", "flex", "sdpa"])
+def test_cuda_backends_match_released_loop(attention, share_prefix, monkeypatch):
+    try:
+        fastnest.attention.check_attention(attention)
+    except ValueError as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the vision tower's patch convolution
+    ref, batch, ref_loss, ref_scales = released_step(0, MIXED_ROWS)
+    dtype = torch.bfloat16 if attention == "flash" else torch.float32  # FlashAttention: half precision only
+    fast = patched(ref, attention=attention, share_prefix=share_prefix).to("cuda", dtype)
+    out = fast(**{k: v.cuda() for k, v in batch.inputs().items()})
+    assert out.loss.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.scale_losses.cpu(), ref_scales, rtol=tol, atol=0)
+    out.loss.backward()
+    if dtype == torch.float32:
+        assert_grads_match(ref, fast.cpu(), rtol=1e-3)
+    else:
+        assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)

@@ -1,9 +1,10 @@
 """Hugging Face attention hook: the packed language-model forward routes through fastnest.attention.
 
 Patching sets the text config's attention implementation to ``fastnest:<inner>``. Calls that carry a
-``fastnest_varlen`` kwarg (the packed training step) run per-sequence varlen attention; every other call
-(inference, generation) goes to the model's own ``<inner>`` implementation unchanged. Keeping the choice in
-the layer's kwargs, not in global state, keeps gradient-checkpointing recomputation correct.
+``fastnest_varlen`` kwarg (the packed training step) run fastnest's varlen attention with the backend that
+kwarg's VarlenInfo names; every other call (inference, generation) goes to the model's own ``<inner>``
+implementation unchanged. Keeping the choice in the layer's kwargs, not in global state, keeps
+gradient-checkpointing recomputation correct.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, activations
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaMultiModalProjector
 
-from ..attention import VarlenInfo
+from ..attention import VarlenInfo, check_attention, resolve_attention
 from ..dispatch import BACKENDS
 from ..loss import fused_linear_cross_entropy, grouped_cross_entropy
 from ..packing import pad_packed, plan_matryoshka
@@ -50,6 +50,8 @@ class _State:
     scale: int  # default inference scale
     attn_inner: str
     backend: str | None  # kernels for fastnest's own ops (fastnest.dispatch); None: chosen per device
+    attention: str  # backend of the packed training forward ("auto" or a name in fastnest.attention.BACKENDS)
+    share_prefix: bool
 
 
 def _state(model: torch.nn.Module) -> _State:
@@ -70,7 +72,11 @@ def _grid(config) -> int:
 
 
 def patch_llava(
-    model: LlavaForConditionalGeneration, scales: tuple[int, ...] = DEFAULT_SCALES, backend: str | None = None
+    model: LlavaForConditionalGeneration,
+    scales: tuple[int, ...] = DEFAULT_SCALES,
+    attention: str = "auto",
+    share_prefix: bool = True,
+    backend: str | None = None,
 ) -> LlavaForConditionalGeneration:
     """Make ``model`` train on every Matryoshka scale in one packed forward, and infer at any scale.
 
@@ -78,19 +84,32 @@ def patch_llava(
     with ``labels``): ``loss`` = mean over scales of each scale's token-mean next-token cross-entropy,
     ``scale_losses`` per scale. Inference: ``model(..., scale=s)`` / ``model.generate(..., scale=s)`` show the
     language model each image as its ``s`` pooled tokens (default: ``fastnest.set_scale`` or the largest).
-    ``backend`` forces the kernels of fastnest's own ops ("triton", "native", "torch"; None/"auto": Triton on
-    CUDA, the native extension on CPU when built, else PyTorch); an unavailable one raises when it would run.
+
+    ``attention``: the backend of the packed training forward, ``"auto"`` (flash, else xformers on CUDA;
+    sdpa on CPU) or one of ``"flash"``, ``"xformers"``, ``"flex"``, ``"sdpa"`` (ValueError here when this
+    process cannot run it); inference keeps the model's own ``attn_implementation``. ``share_prefix``: a
+    row's text before its first image is computed once for all scales (the same loss and gradients).
+    ``backend`` forces the kernels of fastnest's projector and loss ("triton", "native", "torch"; None/"auto":
+    Triton on CUDA, the native extension on CPU when built, else PyTorch); an unavailable one raises when run.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"patch_llava expects a LlavaForConditionalGeneration, got {type(model).__name__}")
     if backend not in (None, "auto", *BACKENDS):
         raise ValueError(f"backend {backend!r} is not one of {(None, 'auto', *BACKENDS)}")
     spec = MatryoshkaScales(_grid(model.config), scales)
+    check_attention(attention)
     text_config = model.config.text_config
     previous = getattr(model, "_fastnest", None)
     inner = previous.attn_inner if previous else text_config._attn_implementation or "eager"
     text_config._attn_implementation = hf_attention.register(inner)
-    model._fastnest = _State(spec=spec, scale=max(spec.scales), attn_inner=inner, backend=backend)
+    model._fastnest = _State(
+        spec=spec,
+        scale=max(spec.scales),
+        attn_inner=inner,
+        backend=backend,
+        attention=attention,
+        share_prefix=bool(share_prefix),
+    )
     model.forward = _bind(model, _forward, type(model).forward)
     model.generate = _bind(model, _generate, type(model).generate)
     return model
@@ -144,14 +163,20 @@ def _given_or(value, default):
     return default if value is None else value
 
 
-def _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs):
+def _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs, share_prefix=False):
     """Plan the sequences and build the source rows ``[text; visual (every scale of every image); pad]``."""
     config = model.config
     if vision_kwargs.get("image_sizes") is not None:
         raise ValueError("image_sizes is not supported: fastnest pools fixed-size LLaVA grids")
     num_images = 0 if pixel_values is None else pixel_values.shape[0]
     plan = plan_matryoshka(
-        input_ids, attention_mask, labels, image_token_id=config.image_token_id, spec=spec, num_images=num_images
+        input_ids,
+        attention_mask,
+        labels,
+        image_token_id=config.image_token_id,
+        spec=spec,
+        num_images=num_images,
+        share_prefix=share_prefix,
     )
     embed = model.get_input_embeddings()
     device = embed.weight.device
@@ -167,11 +192,16 @@ def _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spe
 
 
 def _train_step(model, input_ids, attention_mask, pixel_values, labels, num_items_in_batch, vision_kwargs):
-    spec = _state(model).spec
-    plan, source = _plan_and_source(model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs)
+    state = _state(model)
+    spec = state.spec
+    plan, source = _plan_and_source(
+        model, input_ids, attention_mask, labels, pixel_values, spec, vision_kwargs, state.share_prefix
+    )
     device = source.device
     packed = plan.packed.to(device)
-    info = VarlenInfo.from_seqlens(packed.cu_seqlens, packed.seqlens, device)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else source.dtype
+    backend = resolve_attention(state.attention, device, dtype, backward=torch.is_grad_enabled())
+    info = VarlenInfo.from_packed(packed, device, backend)
     with hf_attention.packed_forward():
         out = model.model.language_model(
             inputs_embeds=source[packed.source_index][None],
