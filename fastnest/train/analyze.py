@@ -95,8 +95,8 @@ def _group(correct: torch.Tensor, scales: tuple[int, ...]) -> dict:
         tokens.append(next((scales[i] for i in order if row[i]), max(scales)))
     return {
         "n": n,
-        "accuracy": {str(s): float(correct[:, i].float().mean()) if n else 0.0 for i, s in enumerate(scales)},
-        "oracle_accuracy": float(answered.float().mean()) if n else 0.0,
+        "accuracy": {str(s): int(correct[:, i].sum()) / n if n else 0.0 for i, s in enumerate(scales)},
+        "oracle_accuracy": int(answered.sum()) / n if n else 0.0,
         "oracle_mean_tokens": sum(tokens) / n if n else 0.0,
     }
 

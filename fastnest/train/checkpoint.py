@@ -27,7 +27,8 @@ CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.pt"
 PREFIX = "step-"
 TMP = ".tmp-"
-# Test hook: seconds to sleep after the weights are written, so a test can kill the process mid-save.
+# Test hook, "STEP:SECONDS": while saving checkpoint STEP, sleep after the weights and trainer state are in
+# the temporary directory, so that a test can kill the process mid-save.
 SAVE_DELAY_ENV = "FASTNEST_TEST_SAVE_DELAY"
 
 
@@ -102,9 +103,9 @@ def save(
             {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "progress": progress, "world": d.world},
             tmp / STATE,
         )
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
+        hook = os.environ.get(SAVE_DELAY_ENV, "")
+        if hook and int(hook.split(":")[0]) == step:
+            time.sleep(float(hook.split(":")[1]))
     d.barrier()
     torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
     d.barrier()
