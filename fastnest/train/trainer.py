@@ -253,8 +253,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
     _freeze_unread_vision(model)
     model.to(d.device)
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     world_batch = cfg.batch_size * d.world * cfg.grad_accum
