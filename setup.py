@@ -32,10 +32,14 @@ setup(
         "transformers>=5.0",
         "triton; platform_system == 'Linux'",
         "ninja",
+        "numpy",
+        "pillow",  # images of fastnest train/analyze and the report's plot
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["fastnest=fastnest.cli:main"]},
     extras_require={
         "gpu": ["flash-attn", "xformers"],
-        "test": ["pytest", "pytest-benchmark", "ruff", "pillow", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "pillow", "numpy", "accelerate"],  # accelerate: transformers.Trainer
     },
     ext_modules=[],  # fastnest._C (CMakeLists.txt) goes here with its CMake build_ext
 )

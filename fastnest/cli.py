@@ -37,11 +37,15 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--image-folder", help="root of the image paths in --data (default: the file's folder)")
     g.add_argument("--eval-data", help="data for the analysis at the end (default: the synthetic evaluation split)")
     g.add_argument("--eval-image-folder")
-    g.add_argument("--scales", type=_scales, default=DEFAULT_SCALES, help="visual-token scales (default: 1,9,36,144,576)")
+    g.add_argument(
+        "--scales", type=_scales, default=DEFAULT_SCALES, help="visual-token scales (default: 1,9,36,144,576)"
+    )
     g.add_argument("--max-length", type=int, default=d.max_length, help="longest row in tokens, images included")
     g.add_argument("--on-bad-sample", choices=("skip", "fail"), default=d.on_bad_sample)
     g.add_argument("--system", default=d.system, help="system prompt of the LLaVA v1 template")
-    g.add_argument("--synthetic-turns", type=int, default=d.synthetic_turns, help="questions per synthetic training image")
+    g.add_argument(
+        "--synthetic-turns", type=int, default=d.synthetic_turns, help="questions per synthetic training image"
+    )
     g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="synthetic evaluation samples")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help=f"optimizer steps (default: 1 epoch of --data; built-in: {DEFAULT_STEPS})")
@@ -77,8 +81,11 @@ def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
         "multi-scale prefill per batch. Writes report.json, report.md and report.png."
     )
     p.add_argument("--model", required=True, help="a run's model directory (or a run directory holding model/)")
-    p.add_argument("--data", help="LLaVA conversation-format .json/.jsonl with optional question_type per row "
-                   "(default: the built-in synthetic evaluation split)")
+    p.add_argument(
+        "--data",
+        help="LLaVA conversation-format .json/.jsonl with optional question_type per row "
+        "(default: the built-in synthetic evaluation split)",
+    )
     p.add_argument("--image-folder")
     p.add_argument("--output-dir", help="where to write the report (default: beside the model)")
     p.add_argument("--samples", type=int, default=400, help="synthetic evaluation samples")

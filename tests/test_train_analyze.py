@@ -29,8 +29,10 @@ def _batch(processor, n=3):
     extra = text_only([Example(conv, [], "text row")], bad)
     width = max(batch.inputs["input_ids"].shape[1], extra.inputs["input_ids"].shape[1])
     pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    inputs = {k: torch.cat([pad(batch.inputs[k], v), pad(extra.inputs[k], v)]) for k, v in
-              (("input_ids", 0), ("attention_mask", 0), ("labels", -100))}
+    inputs = {
+        k: torch.cat([pad(batch.inputs[k], v), pad(extra.inputs[k], v)])
+        for k, v in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
+    }
     inputs["pixel_values"] = batch.inputs["pixel_values"]
     return Batch(inputs, batch.question_types + ["text"], batch.where + ["text row"])
 
@@ -75,10 +77,17 @@ def test_score_is_greedy_decoding_exact_match():
     for scale in TINY_SCALES:
         outs = []
         for b, ids in enumerate(rows):
-            gen = model.generate(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 pixel_values=pv[b : b + 1], scale=scale, max_new_tokens=2, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-            outs.append(gen[0, len(ids):])
+            gen = model.generate(
+                input_ids=ids[None],
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pixel_values=pv[b : b + 1],
+                scale=scale,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            outs.append(gen[0, len(ids) :])
         greedy[scale] = outs
     answers = greedy[4]
     width = max(len(r) + 2 for r in rows)
@@ -90,8 +99,11 @@ def test_score_is_greedy_decoding_exact_match():
         input_ids[b, : n + 2] = torch.cat([ids, ans])
         labels[b, n : n + 2] = ans
         mask[b, : n + 2] = 1
-    batch = Batch({"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pv},
-                  ["x"] * 4, [f"row {b}" for b in range(4)])
+    batch = Batch(
+        {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pv},
+        ["x"] * 4,
+        [f"row {b}" for b in range(4)],
+    )
     correct = score_batch(model, batch)
     expected = torch.tensor([[torch.equal(greedy[s][b], answers[b]) for s in TINY_SCALES] for b in range(4)])
     assert correct[:, 1].all()
@@ -100,9 +112,7 @@ def test_score_is_greedy_decoding_exact_match():
 
 def test_summary_oracle_and_report(tmp_path):
     scales = (1, 9, 36)
-    correct = torch.tensor(
-        [[1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.bool
-    )
+    correct = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.bool)
     types = ["a", "a", "b", "b", "a", "b"]
     s = summarize(Scores(scales, correct, types, prefill_passes=2, seconds=1.0), type_order=["b", "a"])
     assert list(s["types"]) == ["b", "a"]
@@ -110,13 +120,18 @@ def test_summary_oracle_and_report(tmp_path):
     assert s["all"]["oracle_accuracy"] == 5 / 6
     # fewest tokens per sample: 1, 9, 36, (none -> 36), 1, 9
     assert s["all"]["oracle_mean_tokens"] == pytest.approx((1 + 9 + 36 + 36 + 1 + 9) / 6)
-    assert s["types"]["a"]["accuracy"] == {"1": 2 / 3, "9": 2 / 3, "36": 2 / 3} and s["types"]["a"]["oracle_accuracy"] == 1
+    assert (
+        s["types"]["a"]["accuracy"] == {"1": 2 / 3, "9": 2 / 3, "36": 2 / 3} and s["types"]["a"]["oracle_accuracy"] == 1
+    )
     assert s["types"]["b"]["oracle_mean_tokens"] == pytest.approx((36 + 36 + 9) / 3)
     assert s["best_single_scale"] == 9
     paths = report.write(s, tmp_path)
     assert json.loads(paths["json"].read_text()) == s
     md = paths["md"].read_text()
-    assert "| 9 | 33.3 | 66.7 | 50.0 |" in md and "| oracle (mean tokens) | 66.7 (27.0) | 100.0 (3.7) | 83.3 (15.3) |" in md
+    assert (
+        "| 9 | 33.3 | 66.7 | 50.0 |" in md
+        and "| oracle (mean tokens) | 66.7 (27.0) | 100.0 (3.7) | 83.3 (15.3) |" in md
+    )
     from PIL import Image
 
     with Image.open(paths["png"]) as im:

@@ -97,8 +97,13 @@ def test_bad_rows_are_skipped_with_file_row_and_reason(tmp_path, caplog):
     }
     assert bad.summary().startswith("bad samples: 5 skipped")
     messages = "\n".join(r.getMessage() for r in caplog.records)
-    for r, why in [(1, "missing.png not found"), (2, "cannot be decoded"), (4, "0 <image> tag(s) but 1 image(s)"),
-                   (5, "exceed --max-length 60"), (6, '"conversations" must be a non-empty list')]:
+    for r, why in [
+        (1, "missing.png not found"),
+        (2, "cannot be decoded"),
+        (4, "0 <image> tag(s) but 1 image(s)"),
+        (5, "exceed --max-length 60"),
+        (6, '"conversations" must be a non-empty list'),
+    ]:
         assert f"{data} row {r}: " in messages and why in messages
     assert batch.inputs["pixel_values"].shape == (3, 3, 8, 8)  # rows 0 and 3: three images
 

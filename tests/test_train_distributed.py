@@ -35,9 +35,26 @@ def _env(**extra) -> dict:
 
 
 def _args(tiny_dir, out, steps, batch):
-    return ["--model", str(tiny_dir), "--scales", "1,4,16", "--steps", str(steps), "--batch-size", str(batch),
-            "--system", "A chat", "--synthetic-turns", "2", "--no-progress", "--no-analyze", "--device", "cpu",
-            "--output-dir", str(out)]
+    return [
+        "--model",
+        str(tiny_dir),
+        "--scales",
+        "1,4,16",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--system",
+        "A chat",
+        "--synthetic-turns",
+        "2",
+        "--no-progress",
+        "--no-analyze",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+    ]
 
 
 def _records(run):
@@ -45,10 +62,30 @@ def _records(run):
 
 
 def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir):
-    train(TrainConfig(output_dir=str(tmp_path / "one"), model=str(tiny_dir), scales=TINY_SCALES, steps=3,
-                      batch_size=4, system="A chat", synthetic_turns=2, progress=False, analyze=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fastnest.train", *_args(tiny_dir, tmp_path / "two", 3, 2)]
+    train(
+        TrainConfig(
+            output_dir=str(tmp_path / "one"),
+            model=str(tiny_dir),
+            scales=TINY_SCALES,
+            steps=3,
+            batch_size=4,
+            system="A chat",
+            synthetic_turns=2,
+            progress=False,
+            analyze=False,
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "fastnest.train",
+        *_args(tiny_dir, tmp_path / "two", 3, 2),
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -66,8 +103,13 @@ def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir
 def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_finishes(tmp_path, tiny_dir):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastnest.train", *_args(tiny_dir, run, 6, 2), "--save-every", "2"]
-    proc = subprocess.Popen(cmd, env=_env(**{checkpoint.SAVE_DELAY_ENV: "4:300"}), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(**{checkpoint.SAVE_DELAY_ENV: "4:300"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     partial = run / "checkpoints" / ".tmp-step-00000004"
     try:
         deadline = time.monotonic() + 300
@@ -82,9 +124,21 @@ def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_finishes(tmp
     logged = _records(run)
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
-    train(TrainConfig(output_dir="unused", model=str(tiny_dir), scales=TINY_SCALES, steps=6, batch_size=2,
-                      system="A chat", synthetic_turns=2, progress=False, analyze=False, save_every=2,
-                      resume=str(run)))
+    train(
+        TrainConfig(
+            output_dir="unused",
+            model=str(tiny_dir),
+            scales=TINY_SCALES,
+            steps=6,
+            batch_size=2,
+            system="A chat",
+            synthetic_turns=2,
+            progress=False,
+            analyze=False,
+            save_every=2,
+            resume=str(run),
+        )
+    )
     records = _records(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records[:4]] == [r["loss"] for r in logged]  # steps 3-4 re-run exactly
@@ -110,8 +164,16 @@ def test_hf_trainer_trains_the_patched_model_unchanged(tmp_path):
             return examples.example(i, bad)
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=lambda xs: collate(xs, bad).inputs)
@@ -120,7 +182,11 @@ def test_hf_trainer_trains_the_patched_model_unchanged(tmp_path):
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     after = model.state_dict()
-    for part in ("vision_tower.embeddings.patch_embedding", "multi_modal_projector.linear_1", "language_model.layers.1",
-                 "lm_head"):
+    for part in (
+        "vision_tower.embeddings.patch_embedding",
+        "multi_modal_projector.linear_1",
+        "language_model.layers.1",
+        "lm_head",
+    ):
         keys = [k for k in after if part in k]
         assert keys and any(not torch.equal(before[k], after[k]) for k in keys), part

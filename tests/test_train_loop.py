@@ -23,8 +23,17 @@ def tiny_dir(tmp_path_factory):
 
 def _cfg(tmp_path, tiny_dir, name="run", **kw):
     base = dict(
-        output_dir=str(tmp_path / name), model=str(tiny_dir), scales=TINY_SCALES, steps=4, batch_size=2,
-        system="A chat", synthetic_turns=2, eval_samples=8, eval_batch_size=8, progress=False, analyze=False,
+        output_dir=str(tmp_path / name),
+        model=str(tiny_dir),
+        scales=TINY_SCALES,
+        steps=4,
+        batch_size=2,
+        system="A chat",
+        synthetic_turns=2,
+        eval_samples=8,
+        eval_batch_size=8,
+        progress=False,
+        analyze=False,
     )
     return TrainConfig(**(base | kw))
 
@@ -36,10 +45,34 @@ def _losses(run_dir):
 def test_default_command_writes_a_loadable_run(tmp_path):
     """The built-in run, shortened: checkpoint in HF format, settings, metrics, report; reload and re-patch."""
     run = tmp_path / "run"
-    assert main(["train", "--output-dir", str(run), "--steps", "2", "--batch-size", "1", "--eval-samples", "4",
-                 "--no-progress"]) == 0
-    for name in ("metrics.jsonl", "report.json", "report.md", "report.png", "summary.json", "model/model.safetensors",
-                 "model/fastnest.json", "model/tokenizer.json", "model/processor_config.json"):
+    assert (
+        main(
+            [
+                "train",
+                "--output-dir",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "1",
+                "--eval-samples",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "report.png",
+        "summary.json",
+        "model/model.safetensors",
+        "model/fastnest.json",
+        "model/tokenizer.json",
+        "model/processor_config.json",
+    ):
         assert (run / name).is_file(), name
     records = _losses(run)
     assert [r["step"] for r in records] == [1, 2]
@@ -50,8 +83,11 @@ def test_default_command_writes_a_loadable_run(tmp_path):
     from fastnest.train.model import load_model_and_processor
 
     _, processor = load_model_and_processor(run / "model")
-    inputs = processor(images=[torch.zeros(48, 48, 3, dtype=torch.uint8).numpy()], text=["USER: <image> what ASSISTANT:"],
-                       return_tensors="pt")
+    inputs = processor(
+        images=[torch.zeros(48, 48, 3, dtype=torch.uint8).numpy()],
+        text=["USER: <image> what ASSISTANT:"],
+        return_tensors="pt",
+    )
     out = model.eval().generate(**inputs, scale=1, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
@@ -106,9 +142,25 @@ def test_bad_data_fails_by_default_and_is_counted_when_skipped(tmp_path, tiny_di
 
     names = write_images(tmp_path / "img", 3)
     data = write_json(tmp_path / "d.json", [row(names[0]), row("nope.png"), row(names[1]), row(names[2])])
-    args = ["train", "--model", str(tiny_dir), "--data", str(data), "--image-folder", str(tmp_path / "img"),
-            "--scales", "1,4,16", "--steps", "2", "--batch-size", "2", "--no-progress", "--no-analyze",
-            "--output-dir", str(tmp_path / "run")]
+    args = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--image-folder",
+        str(tmp_path / "img"),
+        "--scales",
+        "1,4,16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--no-analyze",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 2
     assert f"{data} row 1: image" in capsys.readouterr().err
     assert main([*args, "--on-bad-sample", "skip"]) == 0

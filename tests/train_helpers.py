@@ -33,8 +33,16 @@ def tiny_model(processor: LlavaProcessor, seed: int = 0):
     torch.manual_seed(seed)
     tok = processor.tokenizer
     model = tiny_llava(
-        grid=4, patch_size=2, vision_hidden=16, vision_layers=1, hidden=32, layers=2, heads=2, kv_heads=1,
-        vocab=len(tok), image_token_id=tok.image_token_id,
+        grid=4,
+        patch_size=2,
+        vision_hidden=16,
+        vision_layers=1,
+        hidden=32,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        vocab=len(tok),
+        image_token_id=tok.image_token_id,
     )
     model.config.vision_feature_layer = -1
     return model
@@ -59,8 +67,12 @@ def write_images(folder: Path, n: int, size: int = TINY_SIZE, seed: int = 0) -> 
     return names
 
 
-def row(image: str | list[str] | None, question: str = "what colour is the background ?", answer: str = "red",
-        qtype: str | None = None) -> dict:
+def row(
+    image: str | list[str] | None,
+    question: str = "what colour is the background ?",
+    answer: str = "red",
+    qtype: str | None = None,
+) -> dict:
     tag = "" if image is None else "<image>\n" * (len(image) if isinstance(image, list) else 1)
     out = {"conversations": [{"from": "human", "value": tag + question}, {"from": "gpt", "value": answer}]}
     if image is not None:

@@ -125,8 +125,17 @@ def summarize(scores: Scores, type_order: Iterable[str] = ()) -> dict:
     }
 
 
-def analyze_model(model_dir: str | Path, examples, *, batch_size: int, max_length: int | None, bad: BadSamples,
-                  type_order: Iterable[str] = (), device: str | torch.device = "cpu", progress=None) -> dict:
+def analyze_model(
+    model_dir: str | Path,
+    examples,
+    *,
+    batch_size: int,
+    max_length: int | None,
+    bad: BadSamples,
+    type_order: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> dict:
     """Load a run's model (patched with its saved scales) and summarise it on ``examples``."""
     from .model import load_patched, read_settings
 

@@ -153,7 +153,9 @@ def find(path: str | Path) -> Path:
         return path
     found = complete(path)
     if not found:
-        raise ValueError(f"--resume {path}: neither a checkpoint nor a run directory holding one (checkpoints/{PREFIX}N)")
+        raise ValueError(
+            f"--resume {path}: neither a checkpoint nor a run directory holding one (checkpoints/{PREFIX}N)"
+        )
     return found[-1]
 
 

@@ -223,4 +223,3 @@ def count_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> int:
     labelled = (labels != IGNORE_INDEX) & attention_mask.bool()
     labelled[torch.arange(labels.shape[0]), first] = False
     return int(labelled.sum())
-

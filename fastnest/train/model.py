@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -36,6 +37,26 @@ def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForCon
     )
     model.config.vision_feature_layer = -1
     return model
+
+
+@torch.no_grad()
+def sincos_position_embedding_(model: LlavaForConditionalGeneration) -> None:
+    """Initialise the vision tower's (learned) position embedding with a 2-D sine-cosine table (as MAE does):
+    half the channels encode the patch row, half the column, so positions start out separable."""
+    table = model.model.vision_tower.embeddings.position_embedding.weight  # [1 + grid², D]; row 0: CLS
+    dim = table.shape[1]
+    grid = math.isqrt(table.shape[0] - 1)
+    if dim % 4 or grid * grid != table.shape[0] - 1:
+        raise ValueError(
+            f"a 2-D sine-cosine table needs a square grid and a width divisible by 4, got {tuple(table.shape)}"
+        )
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coord = torch.arange(grid, dtype=torch.float64)[:, None] * freqs  # [grid, D/4]
+    axis = torch.cat([coord.sin(), coord.cos()], dim=1)  # [grid, D/2]
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    table[0] = 0
+    table[1:] = torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).to(table.dtype)
 
 
 def default_model_and_processor(seed: int = 0):

@@ -55,7 +55,9 @@ def multiscale_logits(model, input_ids, attention_mask, labels, pixel_values=Non
     device = embed.weight.device
     parts = [embed(input_ids[plan.text_mask.to(input_ids.device)].to(device))]
     if pixel_values is not None:
-        visual = matryoshka_project(_vision_features(model, pixel_values.to(device)), model.model.multi_modal_projector, spec)
+        visual = matryoshka_project(
+            _vision_features(model, pixel_values.to(device)), model.model.multi_modal_projector, spec
+        )
         parts.append(visual.reshape(-1, visual.shape[-1]).to(parts[0].dtype))
     source = torch.cat(parts)
     packed = plan.packed.to(device)

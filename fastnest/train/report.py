@@ -31,7 +31,15 @@ def markdown(summary: dict, title: str = "Granularity analysis") -> str:
     return "\n".join(lines)
 
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+]
 
 
 def plot(summary: dict, path: str | Path, size: tuple[int, int] = (760, 480)) -> None:

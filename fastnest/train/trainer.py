@@ -289,7 +289,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list) + "\n")
 
     autocast = (
-        torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.bf16 and strategy != "fsdp" else contextlib.nullcontext()
+        torch.autocast(d.device.type, dtype=torch.bfloat16)
+        if cfg.bf16 and strategy != "fsdp"
+        else contextlib.nullcontext()
     )
     bar = _Progress(cfg.progress and d.main, steps, start, spec.scales)
     trainable = [p for p in model.parameters() if p.requires_grad]
