@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,10 +62,12 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("one") / "run"
     train(
         TrainConfig(
-            output_dir=str(tmp_path / "one"),
+            output_dir=str(out),
             model=str(tiny_dir),
             scales=TINY_SCALES,
             steps=3,
@@ -75,6 +78,10 @@ def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir
             analyze=False,
         )
     )
+    return _records(out)
+
+
+def _torchrun(args):
     cmd = [
         sys.executable,
         "-m",
@@ -84,20 +91,41 @@ def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir
         "2",
         "-m",
         "fastnest.train",
-        *_args(tiny_dir, tmp_path / "two", 3, 2),
+        *args,
     ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["strategy"] == "ddp" and summary["global_batch"] == 4
-    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
-    assert len(one) == len(two) == 3
+
+
+def _same_trajectory(one, two):
+    assert len(one) == len(two)
     for a, b in zip(one, two):
         assert a["lm_tokens"] == b["lm_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         for s in a["scale_losses"]:
             assert b["scale_losses"][s] == pytest.approx(a["scale_losses"][s], rel=1e-5, abs=1e-6)
-    assert one[-1]["loss"] < one[0]["loss"]  # it is a trajectory, not a constant
+
+
+def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir, one_process):
+    _torchrun(_args(tiny_dir, tmp_path / "two", 3, 2))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["strategy"] == "ddp" and summary["global_batch"] == 4
+    _same_trajectory(one_process, _records(tmp_path / "two"))
+    assert one_process[-1]["loss"] < one_process[0]["loss"]  # it is a trajectory, not a constant
+
+
+def test_fsdp2_over_gloo_follows_the_one_process_trajectory_and_resumes(tmp_path, tiny_dir, one_process):
+    """FSDP2 (``fully_shard``) is meant for GPUs, but runs on CPU with gloo, so CI covers its code path."""
+    _torchrun([*_args(tiny_dir, tmp_path / "fsdp", 3, 2), "--strategy", "fsdp", "--save-every", "2"])
+    assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["strategy"] == "fsdp"
+    _same_trajectory(one_process, _records(tmp_path / "fsdp"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    _torchrun([*_args(tiny_dir, "unused", 3, 2), "--strategy", "fsdp", "--resume", str(resumed)])
+    assert _records(resumed) == [
+        {**r, **{k: v for k, v in b.items() if k in ("step_s", "tokens_per_s", "wall_s", "cpu_s")}}
+        for r, b in zip(_records(tmp_path / "fsdp")[2:], _records(resumed))
+    ]
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_finishes(tmp_path, tiny_dir):

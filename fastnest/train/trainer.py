@@ -112,14 +112,18 @@ def _freeze_unread_vision(model) -> None:
             unread.requires_grad_(False)
 
 
+def _freeze(model, parts: tuple[str, ...]) -> None:
+    for part, params in _parts(model).items():
+        if part in parts:
+            for p in params:
+                p.requires_grad_(False)
+
+
 def _optimizer(model, cfg: TrainConfig):
+    """AdamW with one parameter group per trainable part. Built after wrapping: FSDP2 replaces parameters."""
     lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "lm": cfg.lr_lm}
     groups = []
     for part, params in _parts(model).items():
-        if part in cfg.freeze:
-            for p in params:
-                p.requires_grad_(False)
-            continue
         trainable = [p for p in params if p.requires_grad]
         if trainable:
             groups.append({"params": trainable, "lr": lrs[part] if lrs[part] is not None else cfg.lr, "name": part})
@@ -271,9 +275,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
     collate = Collator(processor, spec.tokens_per_image, cfg.max_length, cfg.system)
     image_token_id = collate.image_token_id
 
+    _freeze(model, cfg.freeze)
+    wrapped = distributed.wrap(model, strategy, d, cfg.bf16)
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, min(cfg.warmup_steps, steps), steps)
-    wrapped = distributed.wrap(model, strategy, d, cfg.bf16)
     start, samples_seen, wall_before, cpu_before = 0, 0, 0.0, 0.0
     if resume_from is not None:
         progress = checkpoint.load_state(resume_from, optimizer, scheduler, strategy, wrapped, d)
