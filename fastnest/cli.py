@@ -66,7 +66,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     r.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
     r.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept")
     r.add_argument("--resume", help="checkpoint or run directory to resume exactly (newest checkpoint)")
-    r.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default=d.strategy, help="under torchrun")
+    r.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default=d.strategy, help="under torchrun (auto: FSDP2 on GPUs, DDP on CPU)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     r.add_argument("--no-analyze", dest="analyze", action="store_false", help="skip the analysis at the end")

@@ -73,7 +73,8 @@ def shutdown(d: Dist) -> None:
 
 
 def resolve_strategy(strategy: str, d: Dist) -> str:
-    """``auto``: FSDP2 across several GPUs, DDP otherwise (one process: neither)."""
+    """``auto``: FSDP2 across several GPUs, DDP otherwise (one process: neither). ``fsdp`` also runs on CPU
+    with gloo (slowly: for tests)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
