@@ -64,9 +64,14 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     o.add_argument("--seed", type=int, default=d.seed)
     r = p.add_argument_group("checkpoints and processes")
     r.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
-    r.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept")
+    r.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (0: all)")
     r.add_argument("--resume", help="checkpoint or run directory to resume exactly (newest checkpoint)")
-    r.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default=d.strategy, help="under torchrun (auto: FSDP2 on GPUs, DDP on CPU)")
+    r.add_argument(
+        "--strategy",
+        choices=("auto", "ddp", "fsdp"),
+        default=d.strategy,
+        help="under torchrun (auto: FSDP2 on GPUs, DDP on CPU)",
+    )
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     r.add_argument("--no-analyze", dest="analyze", action="store_false", help="skip the analysis at the end")
@@ -94,6 +99,7 @@ def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     p.add_argument("--max-length", type=int, help="longest row (default: the run's)")
     p.add_argument("--on-bad-sample", choices=("skip", "fail"), default="fail")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--scales", type=_scales, help="scales to evaluate (default: the run's, else 1,9,36,144,576)")
     return p
 
 
@@ -132,6 +138,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         bad=bad,
         type_order=QUESTION_TYPES,
         device=device,
+        scales=args.scales,
     )
     summary["bad_samples"] = dict(bad.counts)
     out = Path(args.output_dir) if args.output_dir else model_dir.parent
@@ -144,9 +151,12 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .train.data_llava import BadSampleError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would break fastnest's own progress line
     parser = argparse.ArgumentParser(prog="fastnest", description="Matryoshka multimodal training and analysis")
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub.add_parser("train", help="train a LLaVA on every scale (default: the built-in CPU run)"))

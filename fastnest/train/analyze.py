@@ -23,6 +23,7 @@ import torch
 
 from .data_llava import BadSamples, Batch, Collator
 from .prefill import multiscale_logits
+from .template import SYSTEM_V1
 
 log = logging.getLogger("fastnest.train")
 
@@ -134,13 +135,15 @@ def analyze_model(
     bad: BadSamples,
     type_order: Iterable[str] = (),
     device: str | torch.device = "cpu",
+    scales: tuple[int, ...] | None = None,
     progress=None,
 ) -> dict:
-    """Load a run's model (patched with its saved scales) and summarise it on ``examples``."""
+    """Load a run's model (patched with the given scales, else its saved ones, else the defaults) and summarise
+    it on ``examples``."""
     from .model import load_patched, read_settings
 
     settings = read_settings(model_dir)
-    model, processor = load_patched(model_dir)
+    model, processor = load_patched(model_dir, scales)
     model.to(device)
     scores = evaluate(
         model,
@@ -148,7 +151,7 @@ def analyze_model(
         examples,
         batch_size=batch_size,
         max_length=max_length or settings.get("max_length", 4096),
-        system=settings.get("system", ""),
+        system=settings.get("system", SYSTEM_V1),
         bad=bad,
         progress=progress,
     )

@@ -23,6 +23,14 @@ from .template import IMAGE_TAG, SYSTEM_V1, BadSample, check_conversation, count
 
 log = logging.getLogger("fastnest.train")
 POLICIES = ("skip", "fail")
+BAD_KINDS = (
+    "malformed JSON",
+    "malformed row",
+    "image count mismatch",
+    "missing image",
+    "corrupt image",
+    "over-long row",
+)
 
 
 class BadSampleError(RuntimeError):
@@ -34,6 +42,7 @@ class BadSamples:
     """Applies the bad-row policy and counts what was skipped, by reason."""
 
     policy: str = "fail"
+    quiet: bool = False  # count without logging (a process other than the first reading the same file)
     counts: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -41,10 +50,12 @@ class BadSamples:
             raise ValueError(f"on_bad_sample must be one of {POLICIES}, got {self.policy!r}")
 
     def report(self, where: str, kind: str, why: str) -> None:
+        assert kind in BAD_KINDS, kind
         message = f"bad sample: {where}: {why}"
         if self.policy == "fail":
             raise BadSampleError(f"{message} (use --on-bad-sample skip to skip such rows)")
-        log.warning("%s (skipped)", message)
+        if not self.quiet:
+            log.warning("%s (skipped)", message)
         self.counts[kind] += 1
 
     @property

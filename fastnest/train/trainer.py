@@ -19,7 +19,7 @@ import torch
 from .. import patch_llava
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
 from . import checkpoint, distributed
-from .data_llava import BadSamples, Collator, LlavaJsonExamples, SyntheticExamples, count_targets
+from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, SyntheticExamples, count_targets
 from .data_synthetic import QUESTION_TYPES
 from .model import default_model_and_processor, load_model_and_processor, save_run_model
 from .template import SYSTEM_V1
@@ -165,11 +165,11 @@ class Order:
         return self._perm[offset]
 
 
-def _lm_tokens(inputs: dict, spec: MatryoshkaScales) -> int:
+def _lm_tokens(inputs: dict, image_token_id: int, spec: MatryoshkaScales) -> int:
     """Tokens of the packed language-model pass: text once per scale for rows with images, every scale's
     visual tokens per image, text-only rows once."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    images = ((ids == inputs["_image_token_id"]) & mask).sum(1) // spec.tokens_per_image
+    images = ((ids == image_token_id) & mask).sum(1) // spec.tokens_per_image
     text = mask.sum(1) - images * spec.tokens_per_image
     with_images = images > 0
     per_row = torch.where(with_images, text * len(spec.scales) + images * spec.total, text)
@@ -241,8 +241,6 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoint.remove_partial(run_dir):
             log.warning("removed %s (left by a save that did not finish)", stale)
-    else:
-        logging.getLogger("fastnest.train").setLevel(logging.ERROR)
     d.barrier()
 
     _seed_everything(cfg.seed)
@@ -264,7 +262,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
     model.train()
 
     world_batch = cfg.batch_size * d.world * cfg.grad_accum
-    bad_load = BadSamples(cfg.on_bad_sample)
+    bad_load = BadSamples(cfg.on_bad_sample, quiet=not d.main)  # every process reads the file; one reports
     bad = BadSamples(cfg.on_bad_sample)
     provisional = cfg.steps or DEFAULT_STEPS
     examples, shuffle = _examples(cfg, provisional * world_batch, bad_load)
@@ -326,7 +324,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
                 (out.loss * d.world).backward()
                 loss_sum += out.loss.detach().double().cpu()
                 scale_sum += out.scale_losses.double().cpu()
-                tokens += _lm_tokens({**batch.inputs, "_image_token_id": image_token_id}, spec)
+                tokens += _lm_tokens(batch.inputs, image_token_id, spec)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
@@ -378,8 +376,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
             )
     bar.close()
 
-    counts = dict(zip(sorted(bad.counts), d.sum([bad.counts[k] for k in sorted(bad.counts)])))
-    bad_total = BadSamples("skip", counts=bad_load.counts + type(bad.counts)({k: int(v) for k, v in counts.items()}))
+    bad_total = BadSamples("skip", quiet=True)
+    bad_total.counts.update(bad_load.counts)
+    for kind, n in zip(BAD_KINDS, d.sum([bad.counts[k] for k in BAD_KINDS])):
+        bad_total.counts[kind] += int(n)
+    bad_total.counts = +bad_total.counts  # drop zero counts
     final = run_dir / "model"
     latest = checkpoint.complete(run_dir)[-1] if checkpoint.complete(run_dir) else None
     if d.main and latest is not None:
