@@ -172,3 +172,34 @@ def test_checkpoints_are_pruned_and_listed_in_order(tmp_path, tiny_dir):
     train(_cfg(tmp_path, tiny_dir, steps=3, save_every=1, save_total_limit=2))
     assert [p.name for p in checkpoint.complete(tmp_path / "run")] == ["step-00000002", "step-00000003"]
     assert checkpoint.find(tmp_path / "run").name == "step-00000003"
+
+
+def test_dummy_image_row_changes_neither_loss_nor_gradients():
+    """Processes whose micro-batch has no image get a blank label-free image row, so that every process runs
+    the tower (DDP/FSDP2 collectives); it must not change the loss or any gradient."""
+    from fastnest.train.data_llava import Collator, Example
+    from fastnest.train.trainer import _with_dummy_image
+    from tests.train_helpers import tiny_model, tiny_processor
+
+    processor = tiny_processor()
+    model = fastnest.patch_llava(tiny_model(processor, seed=4), scales=TINY_SCALES).train()
+    conv = [{"from": "human", "value": "how many shapes are there ?"}, {"from": "gpt", "value": "two"}]
+    from fastnest.train.data_llava import BadSamples
+
+    batch = Collator(processor, 16, 100, "A chat")(
+        [Example(conv, [], "r0"), Example(conv[:1] + conv[1:], [], "r1")], BadSamples()
+    )
+    grads = []
+    for inputs in (batch.inputs, _with_dummy_image(batch.inputs, model.config, processor.tokenizer.image_token_id, 16)):
+        model.zero_grad()
+        out = model(**inputs, num_items_in_batch=4)
+        out.loss.backward()
+        grads.append(
+            {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        )
+        grads[-1]["loss"] = out.loss.detach()
+    tower = [p for n, p in model.named_parameters() if "vision_tower.embeddings.patch" in n]
+    assert tower and all(p.grad is not None for p in tower)  # the dummy row reached the tower
+    assert "pixel_values" in _with_dummy_image(batch.inputs, model.config, processor.tokenizer.image_token_id, 16)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import patch_llava
+from ..packing import IGNORE_INDEX
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
 from . import checkpoint, distributed
 from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, SyntheticExamples, count_targets
@@ -311,24 +312,31 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
         scale_sum = torch.zeros(len(spec.scales), dtype=torch.float64)
         tokens = 0
         for m, batch in enumerate(micro):
+            if num_items == 0:  # every row of the global batch was skipped: nothing to learn from
+                break
             last = m == cfg.grad_accum - 1
+            inputs = batch.inputs if batch is not None else None
+            if d.enabled and (inputs is None or "pixel_values" not in inputs):
+                # Every process must run the same modules (DDP waits for every gradient, FSDP2 for every
+                # all-gather): a label-free dummy image row costs a little and changes no gradient.
+                inputs = _with_dummy_image(inputs, model.config, image_token_id, spec.tokens_per_image)
             with _no_sync(wrapped, strategy, last):
-                if batch is None or num_items == 0:
-                    # Every process must join the gradient reduction; this one has nothing to add.
-                    (sum(p.sum() for p in trainable) * 0.0).backward()
-                    continue
-                inputs = {k: v.to(d.device) for k, v in batch.inputs.items()}
+                inputs = {k: v.to(d.device) for k, v in inputs.items()}
                 with autocast:
                     out = wrapped(**inputs, num_items_in_batch=num_items)
                 (out.loss * d.world).backward()
-                loss_sum += out.loss.detach().double().cpu()
-                scale_sum += out.scale_losses.double().cpu()
+            loss_sum += out.loss.detach().double().cpu()
+            scale_sum += out.scale_losses.double().cpu()
+            if batch is not None:
                 tokens += _lm_tokens(batch.inputs, image_token_id, spec)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if num_items == 0:
+            log.warning("step %d: every row of the global batch was skipped; no update", step + 1)
+        else:
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         reduced = d.sum([float(loss_sum), *scale_sum.tolist(), tokens])
@@ -420,6 +428,30 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
         summary["total_wall_s"] = time.perf_counter() - wall0 + wall_before
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _with_dummy_image(inputs: dict | None, config, image_token_id: int, tokens_per_image: int) -> dict:
+    """``inputs`` plus one row holding a blank image and no labels (the batch's loss and gradients are unchanged)."""
+    size = config.vision_config.image_size
+    row = torch.tensor([image_token_id] * tokens_per_image + [0])
+    pixels = torch.zeros(1, 3, size, size)
+    if inputs is None:
+        return {
+            "input_ids": row[None],
+            "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+            "labels": torch.full((1, len(row)), IGNORE_INDEX),
+            "pixel_values": pixels,
+        }
+    width = max(inputs["input_ids"].shape[1], len(row))
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    return {
+        "input_ids": torch.cat([pad(inputs["input_ids"], 0), pad(row[None], 0)]),
+        "attention_mask": torch.cat(
+            [pad(inputs["attention_mask"], 0), pad(torch.ones(1, len(row), dtype=torch.long), 0)]
+        ),
+        "labels": torch.cat([pad(inputs["labels"], IGNORE_INDEX), torch.full((1, width), IGNORE_INDEX)]),
+        "pixel_values": pixels,
+    }
 
 
 def _no_sync(model, strategy: str, last: bool):
