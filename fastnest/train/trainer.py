@@ -316,6 +316,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
                 break
             last = m == cfg.grad_accum - 1
             inputs = batch.inputs if batch is not None else None
+            if inputs is None and not d.enabled:
+                continue
             if d.enabled and (inputs is None or "pixel_values" not in inputs):
                 # Every process must run the same modules (DDP waits for every gradient, FSDP2 for every
                 # all-gather): a label-free dummy image row costs a little and changes no gradient.
