@@ -272,6 +272,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
     order = Order(len(examples), shuffle, cfg.seed)
     collate = Collator(processor, spec.tokens_per_image, cfg.max_length, cfg.system)
     image_token_id = collate.image_token_id
+    if image_token_id != model.config.image_token_id:
+        raise ValueError(
+            f"the processor's image token has id {image_token_id} but the model's config.image_token_id is "
+            f"{model.config.image_token_id}; save the matching processor beside the model"
+        )
 
     _freeze(model, cfg.freeze)
     wrapped = distributed.wrap(model, strategy, d, cfg.bf16)
