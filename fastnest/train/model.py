@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -20,8 +19,7 @@ SETTINGS_FILE = "fastnest.json"
 def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForConditionalGeneration:
     """The built-in run's model: a 1-layer CLIP-style tower on 2-pixel patches (24x24 grid) and a 2-layer Llama.
 
-    The tower's last layer is the feature layer (LLaVA's default, -2, would compute a layer nobody reads); its
-    position embedding starts as a 2-D sine-cosine table, so "the cell at row r, column c" is an easy lookup.
+    The tower's last layer is the feature layer (LLaVA's default, -2, would compute a layer nobody reads).
     """
     torch.manual_seed(seed)
     model = tiny_llava(
@@ -37,28 +35,7 @@ def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForCon
         image_token_id=image_token_id,
     )
     model.config.vision_feature_layer = -1
-    sincos_position_embedding_(model)
     return model
-
-
-@torch.no_grad()
-def sincos_position_embedding_(model: LlavaForConditionalGeneration) -> None:
-    """Initialise the vision tower's (learned) position embedding with a 2-D sine-cosine table (as MAE does, with a base suited to short grids):
-    half the channels encode the patch row, half the column, so positions start out separable."""
-    table = model.model.vision_tower.embeddings.position_embedding.weight  # [1 + grid², D]; row 0: CLS
-    dim = table.shape[1]
-    grid = math.isqrt(table.shape[0] - 1)
-    if dim % 4 or grid * grid != table.shape[0] - 1:
-        raise ValueError(
-            f"a 2-D sine-cosine table needs a square grid and a width divisible by 4, got {tuple(table.shape)}"
-        )
-    freqs = 1.0 / 100 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # periods ~6 to ~350 patches
-    coord = torch.arange(grid, dtype=torch.float64)[:, None] * freqs  # [grid, D/4]
-    axis = torch.cat([coord.sin(), coord.cos()], dim=1)  # [grid, D/2]
-    rows = axis[:, None, :].expand(grid, grid, -1)
-    cols = axis[None, :, :].expand(grid, grid, -1)
-    table[0] = 0
-    table[1:] = torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).to(table.dtype)
 
 
 def default_model_and_processor(seed: int = 0):
