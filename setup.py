@@ -97,11 +97,15 @@ setup(
         "transformers>=5.0",
         "triton; platform_system == 'Linux'",
         "ninja",
+        "numpy",
+        "pillow",  # images of fastnest train/analyze and the report's plot
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["fastnest=fastnest.cli:main"]},
     extras_require={
         # flash-attn 2.1: bottom-right causal alignment; xformers 0.0.28: attention biases built on a device
         "gpu": ["flash-attn>=2.1", "xformers>=0.0.28"],
-        "test": ["pytest", "pytest-benchmark", "ruff", "pillow", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "accelerate"],  # accelerate: transformers.Trainer
     },
     ext_modules=[CMakeExtension("fastnest._C")],
     cmdclass={"build_ext": cmake_build_ext},

@@ -1,0 +1,174 @@
+"""``fastnest train`` and ``fastnest analyze``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .scales import DEFAULT_SCALES
+
+
+def _scales(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be comma-separated integers, got {text!r}") from None
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.split(",") if p)
+
+
+def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .train.trainer import DEFAULT_STEPS, TrainConfig
+
+    d = TrainConfig()
+    p = parser or argparse.ArgumentParser(prog="fastnest train")
+    p.description = (
+        "Train a LLaVA model on every Matryoshka scale at once. Without --model/--data: a tiny LLaVA from scratch on "
+        "the built-in synthetic visual-question set (about 10 minutes on 2 CPU cores), then the granularity analysis."
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--output-dir", default=d.output_dir, help="run directory (default: %(default)s)")
+    g.add_argument("--model", help="Hugging Face LLaVA directory (default: the built-in tiny model, from scratch)")
+    g.add_argument("--data", help="LLaVA conversation-format .json (array) or .jsonl (default: built-in synthetic)")
+    g.add_argument("--image-folder", help="root of the image paths in --data (default: the file's folder)")
+    g.add_argument("--eval-data", help="data for the analysis at the end (default: the synthetic evaluation split)")
+    g.add_argument("--eval-image-folder")
+    g.add_argument(
+        "--scales", type=_scales, default=DEFAULT_SCALES, help="visual-token scales (default: 1,9,36,144,576)"
+    )
+    g.add_argument("--max-length", type=int, default=d.max_length, help="longest row in tokens, images included")
+    g.add_argument("--on-bad-sample", choices=("skip", "fail"), default=d.on_bad_sample)
+    g.add_argument("--system", default=d.system, help="system prompt of the LLaVA v1 template")
+    g.add_argument(
+        "--synthetic-turns", type=int, default=d.synthetic_turns, help="questions per synthetic training image"
+    )
+    g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="synthetic evaluation samples")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, help=f"optimizer steps (default: 1 epoch of --data; built-in: {DEFAULT_STEPS})")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="per process and micro-batch")
+    o.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    o.add_argument("--lr", type=float, default=d.lr)
+    o.add_argument("--lr-vision", type=float, help="learning rate of the vision tower (default: --lr)")
+    o.add_argument("--lr-projector", type=float, help="learning rate of the projector (default: --lr)")
+    o.add_argument("--lr-lm", type=float, help="learning rate of the language model (default: --lr)")
+    o.add_argument("--freeze", type=_parts, default=(), help="comma-separated parts to freeze: vision,projector,lm")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    o.add_argument("--bf16", action="store_true", help="bfloat16 autocast (FSDP2: bf16 parameters, fp32 reduction)")
+    o.add_argument("--gradient-checkpointing", action="store_true")
+    o.add_argument("--seed", type=int, default=d.seed)
+    r = p.add_argument_group("checkpoints and processes")
+    r.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
+    r.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (0: all)")
+    r.add_argument("--resume", help="checkpoint or run directory to resume exactly (newest checkpoint)")
+    r.add_argument(
+        "--strategy",
+        choices=("auto", "ddp", "fsdp"),
+        default=d.strategy,
+        help="under torchrun (auto: FSDP2 on GPUs, DDP on CPU)",
+    )
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    r.add_argument("--no-analyze", dest="analyze", action="store_false", help="skip the analysis at the end")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    return p
+
+
+def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="fastnest analyze")
+    p.description = (
+        "Accuracy of a model at every visual-token scale, per question type, with the per-sample oracle; one packed "
+        "multi-scale prefill per batch. Writes report.json, report.md and report.png."
+    )
+    p.add_argument("--model", required=True, help="a run's model directory (or a run directory holding model/)")
+    p.add_argument(
+        "--data",
+        help="LLaVA conversation-format .json/.jsonl with optional question_type per row "
+        "(default: the built-in synthetic evaluation split)",
+    )
+    p.add_argument("--image-folder")
+    p.add_argument("--output-dir", help="where to write the report (default: beside the model)")
+    p.add_argument("--samples", type=int, default=400, help="synthetic evaluation samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (selects its synthetic evaluation split)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, help="longest row (default: the run's)")
+    p.add_argument("--on-bad-sample", choices=("skip", "fail"), default="fail")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--scales", type=_scales, help="scales to evaluate (default: the run's, else 1,9,36,144,576)")
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train.trainer import TrainConfig, train
+
+    train(TrainConfig(**vars(args)))
+    return 0
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .train import report
+    from .train.analyze import analyze_model
+    from .train.data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
+    from .train.data_synthetic import QUESTION_TYPES
+    from .train.trainer import SYNTHETIC_EVAL_SEED
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"
+    bad = BadSamples(args.on_bad_sample)
+    if args.data:
+        examples = LlavaJsonExamples(args.data, args.image_folder, bad)
+    else:
+        examples = SyntheticExamples(args.samples, seed=SYNTHETIC_EVAL_SEED + args.seed, turns=1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    summary = analyze_model(
+        model_dir,
+        examples,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        bad=bad,
+        type_order=QUESTION_TYPES,
+        device=device,
+        scales=args.scales,
+    )
+    summary["bad_samples"] = dict(bad.counts)
+    out = Path(args.output_dir) if args.output_dir else model_dir.parent
+    title = f"Granularity analysis of {model_dir}"
+    paths = report.write(summary, out, title=title)
+    print(report.markdown(summary, title))
+    print(bad.summary())
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .train.data_llava import BadSampleError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would break fastnest's own progress line
+    parser = argparse.ArgumentParser(prog="fastnest", description="Matryoshka multimodal training and analysis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_parser(sub.add_parser("train", help="train a LLaVA on every scale (default: the built-in CPU run)"))
+    analyze_parser(sub.add_parser("analyze", help="accuracy per scale and question type, with the oracle"))
+    args = parser.parse_args(argv)
+    command = args.__dict__.pop("command")
+    try:
+        return run_train(args) if command == "train" else run_analyze(args)
+    except (BadSampleError, ValueError) as e:
+        print(f"fastnest {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

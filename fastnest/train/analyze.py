@@ -1,0 +1,158 @@
+"""Granularity analysis: accuracy of every sample at every scale, per question type, and the oracle.
+
+Scoring (teacher-forced exact match): a sample is correct at a scale when, with the reference conversation
+fed in, the model's argmax at every labelled position (each assistant answer token and its end-of-sequence
+token) is the reference token. That is exactly "greedy decoding reproduces the answer and stops", without
+decoding; it needs only the labelled positions' logits, which ONE packed multi-scale prefill per batch gives
+for every scale (``prefill.multiscale_logits``).
+
+Oracle: for each sample, the fewest visual tokens among the scales that answer it correctly. Oracle accuracy
+is the fraction answered by some scale; oracle mean tokens averages that choice over all samples, counting a
+sample no scale answers at the largest scale (what a model without the oracle would spend on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data_llava import BadSamples, Batch, Collator
+from .prefill import multiscale_logits
+from .template import SYSTEM_V1
+
+log = logging.getLogger("fastnest.train")
+
+
+@dataclass
+class Scores:
+    scales: tuple[int, ...]
+    correct: torch.Tensor  # bool [num_samples, num_scales]
+    question_types: list[str]
+    prefill_passes: int
+    seconds: float
+
+
+def score_batch(model, batch: Batch) -> torch.Tensor:
+    """bool ``[rows, scales]``: every labelled token of the row is the argmax at that scale."""
+    inputs = {k: v.to(model.device) for k, v in batch.inputs.items()}
+    out = multiscale_logits(model, **inputs)
+    num_scales = len(model._fastnest.spec.scales)
+    hit = (out.logits.argmax(-1) == out.targets).long()
+    rows = out.row.long()
+    # A text-only row's targets (scale index -1) are shared by every scale.
+    scale = out.scale_index.clamp(min=0)
+    shared = out.scale_index < 0
+    rows_all = torch.cat([rows[~shared], rows[shared].repeat_interleave(num_scales)])
+    scale_all = torch.cat([scale[~shared], torch.arange(num_scales, device=rows.device).repeat(int(shared.sum()))])
+    hit_all = torch.cat([hit[~shared], hit[shared].repeat_interleave(num_scales)])
+    flat = rows_all * num_scales + scale_all
+    size = batch.size * num_scales
+    total = torch.zeros(size, dtype=torch.long, device=rows.device).index_add_(0, flat, torch.ones_like(hit_all))
+    good = torch.zeros(size, dtype=torch.long, device=rows.device).index_add_(0, flat, hit_all)
+    if bool((total == 0).any()):
+        where = batch.where[int((total == 0).nonzero()[0]) // num_scales]
+        raise ValueError(f"{where}: no labelled answer token to score")
+    return (good == total).view(batch.size, num_scales).cpu()
+
+
+@torch.no_grad()
+def evaluate(
+    model, processor, examples, *, batch_size: int, max_length: int, system: str, bad: BadSamples, progress=None
+) -> Scores:
+    """Score every example of ``examples`` (``__len__`` + ``example(i, bad)``) at every configured scale."""
+    spec = model._fastnest.spec
+    collate = Collator(processor, spec.tokens_per_image, max_length, system)
+    was_training = model.training
+    model.eval()
+    start, rows, types, passes = time.perf_counter(), [], [], 0
+    try:
+        for first in range(0, len(examples), batch_size):
+            idx = range(first, min(first + batch_size, len(examples)))
+            batch = collate([examples.example(i, bad) for i in idx], bad)
+            if batch is None:
+                continue
+            rows.append(score_batch(model, batch))
+            types.extend(batch.question_types)
+            passes += 1
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+    correct = torch.cat(rows) if rows else torch.zeros(0, len(spec.scales), dtype=torch.bool)
+    return Scores(spec.scales, correct, types, passes, time.perf_counter() - start)
+
+
+def _group(correct: torch.Tensor, scales: tuple[int, ...]) -> dict:
+    n = correct.shape[0]
+    order = sorted(range(len(scales)), key=lambda i: scales[i])  # fewest tokens first
+    answered = correct.any(dim=1)
+    tokens = []
+    for row in correct.tolist():
+        tokens.append(next((scales[i] for i in order if row[i]), max(scales)))
+    return {
+        "n": n,
+        "accuracy": {str(s): int(correct[:, i].sum()) / n if n else 0.0 for i, s in enumerate(scales)},
+        "oracle_accuracy": int(answered.sum()) / n if n else 0.0,
+        "oracle_mean_tokens": sum(tokens) / n if n else 0.0,
+    }
+
+
+def summarize(scores: Scores, type_order: Iterable[str] = ()) -> dict:
+    """Accuracy per scale per question type, an ``all`` row, and the oracle (see the module docstring)."""
+    seen = list(dict.fromkeys([*[t for t in type_order if t in scores.question_types], *scores.question_types]))
+    groups = {}
+    for t in seen:
+        mask = torch.tensor([q == t for q in scores.question_types], dtype=torch.bool)
+        groups[t] = _group(scores.correct[mask], scores.scales)
+    overall = _group(scores.correct, scores.scales)
+    best = max(scores.scales, key=lambda s: overall["accuracy"][str(s)]) if scores.scales else None
+    return {
+        "scales": list(scores.scales),
+        "num_samples": scores.correct.shape[0],
+        "scoring": "teacher-forced exact match of every assistant answer token and its end-of-sequence token "
+        "(= greedy decoding reproduces the answer)",
+        "oracle_definition": "per sample, the fewest tokens among the scales answering it; samples no scale answers "
+        "count at the largest scale",
+        "types": groups,
+        "all": overall,
+        "best_single_scale": best,
+        "prefill_passes": scores.prefill_passes,
+        "seconds": scores.seconds,
+    }
+
+
+def analyze_model(
+    model_dir: str | Path,
+    examples,
+    *,
+    batch_size: int,
+    max_length: int | None,
+    bad: BadSamples,
+    type_order: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+    scales: tuple[int, ...] | None = None,
+    progress=None,
+) -> dict:
+    """Load a run's model (patched with the given scales, else its saved ones, else the defaults) and summarise
+    it on ``examples``."""
+    from .model import load_patched, read_settings
+
+    settings = read_settings(model_dir)
+    model, processor = load_patched(model_dir, scales)
+    model.to(device)
+    scores = evaluate(
+        model,
+        processor,
+        examples,
+        batch_size=batch_size,
+        max_length=max_length or settings.get("max_length", 4096),
+        system=settings.get("system", SYSTEM_V1),
+        bad=bad,
+        progress=progress,
+    )
+    return summarize(scores, type_order)

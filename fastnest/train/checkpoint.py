@@ -1,0 +1,183 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only when
+complete, so a process killed while saving leaves the previous checkpoints intact; leftovers are removed on
+the next start. It holds the model (``model/``: Hugging Face ``save_pretrained``, safetensors, processor and
+fastnest settings), ``trainer_state.pt`` (optimizer, scheduler, step, data position) and each process's RNG
+state (``rng-rank<r>.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .distributed import Dist, unwrap
+from .model import save_run_model
+
+log = logging.getLogger("fastnest.train")
+CHECKPOINTS = "checkpoints"
+STATE = "trainer_state.pt"
+PREFIX = "step-"
+TMP = ".tmp-"
+# Test hook, "STEP:SECONDS": while saving checkpoint STEP, sleep after the weights and trainer state are in
+# the temporary directory, so that a test can kill the process mid-save.
+SAVE_DELAY_ENV = "FASTNEST_TEST_SAVE_DELAY"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _full_state_dicts(model, optimizer, strategy: str) -> tuple[dict, dict]:
+    if strategy != "fsdp":
+        return unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    processor,
+    settings: dict,
+    progress: dict,
+    strategy: str,
+    d: Dist,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically (every process calls this); return its directory."""
+    root = run_dir / CHECKPOINTS
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP}{PREFIX}{step:08d}"
+    model_sd, optim_sd = _full_state_dicts(model, optimizer, strategy)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_run_model(unwrap(model), processor, tmp / "model", settings, state_dict=model_sd)
+        torch.save(
+            {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "progress": progress, "world": d.world},
+            tmp / STATE,
+        )
+        hook = os.environ.get(SAVE_DELAY_ENV, "")
+        if hook and int(hook.split(":")[0]) == step:
+            time.sleep(float(hook.split(":")[1]))
+    d.barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
+    d.barrier()
+    if d.main:
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            _discard(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+        for old in complete(run_dir)[:-keep] if keep > 0 else []:
+            _discard(old)
+    d.barrier()
+    return final
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint so that no half-deleted one ever looks complete: rename first, then delete."""
+    trash = path.with_name(f"{TMP}trash-{path.name}")
+    path.rename(trash)
+    shutil.rmtree(trash)
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete temporary directories a killed save left behind; return what was removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = [p for p in root.iterdir() if p.name.startswith(TMP)] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def find(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest complete checkpoint of the run ``path``."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    found = complete(path)
+    if not found:
+        raise ValueError(
+            f"--resume {path}: neither a checkpoint nor a run directory holding one (checkpoints/{PREFIX}N)"
+        )
+    return found[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent
+
+
+def load_state(checkpoint: Path, optimizer, scheduler, strategy: str, model, d: Dist) -> dict:
+    """Restore optimizer, scheduler and this process's RNG; return the saved progress."""
+    state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False)
+    if state["world"] != d.world:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written by {state['world']} process(es); exact resume needs the same "
+            f"number, got {d.world}"
+        )
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(torch.load(checkpoint / f"rng-rank{d.rank}.pt", weights_only=False))
+    return state["progress"]

@@ -1,0 +1,236 @@
+"""Training/evaluation examples: LLaVA conversation-format JSON, or the built-in synthetic set; bad-row policy.
+
+A LLaVA row is ``{"image": "a.jpg" | ["a.jpg", ...] (optional), "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. Rows are checked when the file is read (structure,
+``<image>`` tags against images, image files present) and again when used (image decodes, length fits).
+A bad row is reported with its file and row, then skipped or fatal per the ``on_bad`` policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..packing import IGNORE_INDEX
+from .data_synthetic import SyntheticVQA
+from .template import IMAGE_TAG, SYSTEM_V1, BadSample, check_conversation, count_image_tags, encode_v1
+
+log = logging.getLogger("fastnest.train")
+POLICIES = ("skip", "fail")
+BAD_KINDS = (
+    "malformed JSON",
+    "malformed row",
+    "image count mismatch",
+    "missing image",
+    "corrupt image",
+    "over-long row",
+)
+
+
+class BadSampleError(RuntimeError):
+    """A bad row under ``--on-bad-sample fail``."""
+
+
+@dataclass
+class BadSamples:
+    """Applies the bad-row policy and counts what was skipped, by reason."""
+
+    policy: str = "fail"
+    quiet: bool = False  # count without logging (a process other than the first reading the same file)
+    counts: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {POLICIES}, got {self.policy!r}")
+
+    def report(self, where: str, kind: str, why: str) -> None:
+        assert kind in BAD_KINDS, kind
+        message = f"bad sample: {where}: {why}"
+        if self.policy == "fail":
+            raise BadSampleError(f"{message} (use --on-bad-sample skip to skip such rows)")
+        if not self.quiet:
+            log.warning("%s (skipped)", message)
+        self.counts[kind] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "bad samples: 0"
+        return f"bad samples: {self.total} skipped ({', '.join(f'{k}: {n}' for k, n in sorted(self.counts.items()))})"
+
+
+@dataclass(frozen=True)
+class Example:
+    conversations: list[dict]
+    images: list  # RGB PIL images or uint8 arrays [H, W, 3]
+    where: str  # "file row N", for messages
+    question_type: str = "all"
+
+
+class SyntheticExamples:
+    """The built-in dataset as ``Example`` rows."""
+
+    def __init__(self, size: int, seed: int, turns: int = 1) -> None:
+        self.data = SyntheticVQA(size, seed=seed, turns=turns)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def example(self, index: int, bad: BadSamples) -> Example:
+        s = self.data[index]
+        return Example(s.conversation(), [s.image], f"synthetic(seed={self.data.seed}) row {index}", s.question_type)
+
+
+def _read_rows(file: Path, bad: BadSamples) -> list[tuple[int, object]]:
+    """(row number, parsed row) pairs of a JSON array or a JSON-lines file."""
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad.report(f"{file} row {i}", "malformed JSON", f"malformed JSON ({e.msg}, column {e.colno})")
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:  # a broken array cannot be split into rows: always fatal
+        raise BadSampleError(f"{file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+        raise BadSampleError(f"{file}: expected a JSON array of rows, got {type(data).__name__}")
+    return list(enumerate(data))
+
+
+class LlavaJsonExamples:
+    """Rows of a LLaVA conversation-format file, with images under ``image_folder``."""
+
+    def __init__(self, file: str | Path, image_folder: str | Path | None, bad: BadSamples) -> None:
+        self.file = Path(file)
+        if not self.file.is_file():
+            raise ValueError(f"--data {self.file}: no such file")
+        self.folder = Path(image_folder) if image_folder is not None else self.file.parent
+        self.rows: list[tuple[int, dict, list[Path]]] = []
+        for i, row in _read_rows(self.file, bad):
+            where = f"{self.file} row {i}"
+            try:
+                self.rows.append((i, row, self._check(row)))
+            except BadSample as e:
+                bad.report(where, e.kind, str(e))
+
+    def _check(self, row: object) -> list[Path]:
+        if not isinstance(row, dict):
+            raise BadSample(f"a row must be a JSON object, got {type(row).__name__}", "malformed row")
+        conversations = check_conversation(row.get("conversations"))
+        images = row.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise BadSample(f'"image" must be a path or a list of paths, got {images!r:.80}', "malformed row")
+        tags = count_image_tags(conversations)
+        if tags != len(images):
+            raise BadSample(f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s)", "image count mismatch")
+        paths = [self.folder / p for p in images]
+        for p in paths:
+            if not p.is_file():
+                raise BadSample(f"image {p} not found", "missing image")
+        return paths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, index: int, bad: BadSamples) -> Example | None:
+        from PIL import Image
+
+        i, row, paths = self.rows[index]
+        where = f"{self.file} row {i}"
+        images = []
+        for p in paths:
+            try:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image I can decode"
+                bad.report(where, "corrupt image", f"image {p} cannot be decoded ({e})")
+                return None
+        qtype = str(row.get("question_type", row.get("category", "all")))
+        return Example(row["conversations"], images, where, qtype)
+
+
+@dataclass
+class Batch:
+    inputs: dict  # input_ids, attention_mask, labels, pixel_values (when any image)
+    question_types: list[str]
+    where: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.where)
+
+
+class Collator:
+    """Examples -> a right-padded batch in ``LlavaProcessor``'s layout, labels on assistant turns."""
+
+    def __init__(self, processor, tokens_per_image: int, max_length: int, system: str = SYSTEM_V1) -> None:
+        self.tokenizer, self.images = processor.tokenizer, processor.image_processor
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_TAG))
+        self.tokens_per_image, self.max_length, self.system = tokens_per_image, max_length, system
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, examples: list[Example | None], bad: BadSamples) -> Batch | None:
+        kept, encoded = [], []
+        for ex in examples:
+            if ex is None:
+                continue
+            try:
+                enc = encode_v1(
+                    ex.conversations,
+                    self.tokenizer,
+                    image_token_id=self.image_token_id,
+                    tokens_per_image=self.tokens_per_image,
+                    system=self.system,
+                )
+            except BadSample as e:
+                bad.report(ex.where, e.kind, str(e))
+                continue
+            if len(enc.input_ids) > self.max_length:
+                bad.report(
+                    ex.where,
+                    "over-long row",
+                    f"{len(enc.input_ids)} tokens ({enc.num_images} image(s) of {self.tokens_per_image}) exceed "
+                    f"--max-length {self.max_length}",
+                )
+                continue
+            kept.append(ex)
+            encoded.append(enc)
+        if not kept:
+            return None
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(kept), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(kept), width), dtype=torch.long)
+        for b, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[b, :n], labels[b, :n], mask[b, :n] = e.input_ids, e.labels, 1
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        images = [im for ex in kept for im in ex.images]
+        if images:
+            arrays = [np.asarray(im) for im in images]
+            inputs["pixel_values"] = self.images(arrays, return_tensors="pt")["pixel_values"]
+        return Batch(inputs, [ex.question_type for ex in kept], [ex.where for ex in kept])
+
+
+def count_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Next-token targets per scale in a batch: labelled positions except each row's first real token."""
+    first = attention_mask.long().argmax(dim=1)
+    labelled = (labels != IGNORE_INDEX) & attention_mask.bool()
+    labelled[torch.arange(labels.shape[0]), first] = False
+    return int(labelled.sum())

@@ -1,0 +1,114 @@
+"""One process or many (``torchrun``): DDP with gloo on CPU / NCCL on GPU, FSDP2 (``fully_shard``) on GPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over processes (float64 on the wire)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init(device: str = "auto") -> Dist:
+    """Start the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_strategy(strategy: str, d: Dist) -> str:
+    """``auto``: FSDP2 across several GPUs, DDP otherwise (one process: neither). ``fsdp`` also runs on CPU
+    with gloo (slowly: for tests)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        strategy = "fsdp" if d.device.type == "cuda" and d.enabled else "ddp"
+    return strategy if d.enabled else "none"
+
+
+def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> torch.nn.Module:
+    """DDP, or FSDP2 with every decoder/encoder layer its own shard group plus the root."""
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    for layers in _layer_lists(model):
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _layer_lists(model) -> list[torch.nn.ModuleList]:
+    lm = model.model.language_model
+    tower = model.model.vision_tower
+    encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+    return [lm.layers] + ([encoder.layers] if encoder is not None else [])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The patched LLaVA inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return getattr(model, "module", model)

@@ -1,0 +1,78 @@
+"""Building, loading and saving the model a run trains: a Hugging Face LLaVA directory plus fastnest settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from .. import patch_llava
+from ..scales import DEFAULT_SCALES
+from ..tiny import tiny_llava
+from .tiny_processor import PATCH_SIZE, synthetic_processor
+
+SETTINGS_FILE = "fastnest.json"
+
+
+def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForConditionalGeneration:
+    """The built-in run's model: a 1-layer CLIP-style tower on 2-pixel patches (24x24 grid) and a 2-layer Llama.
+
+    The tower's last layer is the feature layer (LLaVA's default, -2, would compute a layer nobody reads).
+    """
+    torch.manual_seed(seed)
+    model = tiny_llava(
+        grid=24,
+        patch_size=PATCH_SIZE,
+        vision_hidden=32,
+        vision_layers=1,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vocab=vocab,
+        image_token_id=image_token_id,
+    )
+    model.config.vision_feature_layer = -1
+    return model
+
+
+def default_model_and_processor(seed: int = 0):
+    processor = synthetic_processor()
+    tok = processor.tokenizer
+    return default_model(len(tok), tok.image_token_id, seed), processor
+
+
+def load_model_and_processor(path: str | Path, dtype: torch.dtype | None = None):
+    """A Hugging Face LLaVA directory (weights, config, processor), as saved by ``save_run_model``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {path}: no usable processor/tokenizer saved beside the weights ({e})") from e
+    return model, processor
+
+
+def read_settings(path: str | Path) -> dict:
+    """fastnest settings saved beside a checkpoint (``{}`` when there are none)."""
+    file = Path(path) / SETTINGS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def load_patched(path: str | Path, scales: tuple[int, ...] | None = None, dtype: torch.dtype | None = None):
+    """Load a run's model and processor and patch it with the saved (or given) scales."""
+    model, processor = load_model_and_processor(path, dtype)
+    chosen = tuple(scales or read_settings(path).get("scales") or DEFAULT_SCALES)
+    return patch_llava(model, scales=chosen), processor
+
+
+def save_run_model(model, processor, path: str | Path, settings: dict, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (safetensors) for weights and processor, fastnest settings beside them."""
+    path = Path(path)
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(path)
+    (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
