@@ -50,6 +50,7 @@ def multiscale_logits(model, input_ids, attention_mask, labels, pixel_values=Non
         image_token_id=model.config.image_token_id,
         spec=spec,
         num_images=0 if pixel_values is None else pixel_values.shape[0],
+        share_prefix=False,  # one sequence per (row, scale): each scale's answer logits stand on their own
     )
     embed = model.get_input_embeddings()
     device = embed.weight.device
@@ -61,7 +62,7 @@ def multiscale_logits(model, input_ids, attention_mask, labels, pixel_values=Non
         parts.append(visual.reshape(-1, visual.shape[-1]).to(parts[0].dtype))
     source = torch.cat(parts)
     packed = plan.packed.to(device)
-    info = VarlenInfo.from_seqlens(packed.cu_seqlens, packed.seqlens, device)
+    info = VarlenInfo.from_packed(packed, device)
     with hf_attention.packed_forward():
         hidden = model.model.language_model(
             inputs_embeds=source[packed.source_index][None],
