@@ -85,6 +85,32 @@ def _dot(a, b, acc, TF32X3: tl.constexpr):
 
 
 @triton.jit
+def _mainloop(
+    a_ptr,
+    a_offs,
+    b_ptr,
+    b_offs,
+    K,
+    stride_bk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TF32X3: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N] = A @ B over K; A's rows are contiguous in K, B moves ``stride_bk`` per k."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptr + a_offs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptr + b_offs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = _dot(a, b, acc, TF32X3)
+        a_offs += BLOCK_K
+        b_offs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr,
     b_ptr,
@@ -131,14 +157,7 @@ def _gemm_kernel(
     cols = tl.where(offs_n < N, offs_n, 0)
     a_offs = rows[:, None] * stride_am + offs_k[None, :]
     b_offs = offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_tile + a_offs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptr + b_offs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = _dot(a, b, acc, TF32X3)
-        a_offs += BLOCK_K
-        b_offs += BLOCK_K * stride_bk
+    acc = _mainloop(a_tile, a_offs, b_ptr, b_offs, K, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, TF32X3)
 
     mask = (m0 + local_m[:, None] < M) & (offs_n[None, :] < N)
     c_tile = m0.to(tl.int64) * N
@@ -201,14 +220,7 @@ def _linear_pool_kernel(
     a_img = h_ptr + img.to(tl.int64) * G * G * stride_hm
     a_offs = p[:, None] * stride_hm + offs_k[None, :]
     b_offs = offs_k[:, None] + cols[None, :] * stride_wn
-    acc = tl.zeros((64, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_img + a_offs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptr + b_offs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = _dot(a, b, acc, TF32X3)
-        a_offs += BLOCK_K
-        b_offs += BLOCK_K
+    acc = _mainloop(a_img, a_offs, w_ptr, b_offs, K, 1, 64, BLOCK_N, BLOCK_K, TF32X3)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
