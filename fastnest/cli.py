@@ -18,7 +18,7 @@ def _scales(text: str) -> tuple[int, ...]:
 
 
 def _parts(text: str) -> tuple[str, ...]:
-    return tuple(p for p in text.split(",") if p)
+    return () if text == "none" else tuple(p for p in text.split(",") if p)
 
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -44,7 +44,10 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--on-bad-sample", choices=("skip", "fail"), default=d.on_bad_sample)
     g.add_argument("--system", default=d.system, help="system prompt of the LLaVA v1 template")
     g.add_argument(
-        "--synthetic-turns", type=int, default=d.synthetic_turns, help="questions per synthetic training image"
+        "--synthetic-turns",
+        type=int,
+        default=d.synthetic_turns,
+        help="questions per synthetic training image, one per type (1-4)",
     )
     g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="synthetic evaluation samples")
     o = p.add_argument_group("optimisation")
@@ -55,7 +58,12 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     o.add_argument("--lr-vision", type=float, help="learning rate of the vision tower (default: --lr)")
     o.add_argument("--lr-projector", type=float, help="learning rate of the projector (default: --lr)")
     o.add_argument("--lr-lm", type=float, help="learning rate of the language model (default: --lr)")
-    o.add_argument("--freeze", type=_parts, default=(), help="comma-separated parts to freeze: vision,projector,lm")
+    o.add_argument(
+        "--freeze",
+        type=_parts,
+        help="comma-separated parts to freeze: vision,projector,lm, or none (default: vision for the built-in tiny "
+        "model, whose tower stays a fixed random-feature encoder; none with --model)",
+    )
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)

@@ -16,6 +16,7 @@ def tiny_llava(
     heads: int = 4,
     kv_heads: int = 2,
     intermediate: int | None = None,
+    rope_theta: float = 10000.0,
     vocab: int = 512,
     image_token_id: int | None = None,
     attn_implementation: str = "sdpa",
@@ -41,6 +42,7 @@ def tiny_llava(
         intermediate_size=intermediate or 4 * hidden,
         vocab_size=vocab,
         max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         pad_token_id=0,
     )
     config = LlavaConfig(

@@ -144,26 +144,37 @@ def test_malformed_jsonl_line_is_a_bad_row(tmp_path):
 
 
 def test_synthetic_set_is_deterministic_and_answers_match_the_pixels():
-    from fastnest.train.data_synthetic import BACKGROUNDS, CELL, QUADRANTS, SHAPE_COLOURS
+    from fastnest.train.data_synthetic import BACKGROUNDS, DOT_COLOURS, NUMBERS, QUADRANTS, SHAPE_COLOURS, UNIT
 
-    a, b = SyntheticVQA(40, seed=3), SyntheticVQA(40, seed=3)
-    palette = {tuple(v): k for k, v in (SHAPE_COLOURS | BACKGROUNDS).items()}
+    palette = {tuple(v): k for k, v in (SHAPE_COLOURS | BACKGROUNDS | DOT_COLOURS).items()}
     words = set(vocabulary())
-    for i in range(40):
-        s = a[i]
-        assert np.array_equal(s.image, b[i].image) and s.questions == b[i].questions
-        qtype, question, answer = s.questions[0]
-        assert qtype == QUESTION_TYPES[i % 4] and set((question + " " + answer).split()) <= words
-        cells = s.image[::CELL, ::CELL]  # one pixel per cell, read back from the image
-        names = np.array([[palette[tuple(int(c) for c in px)] for px in r] for r in cells])
-        if qtype == "global":
-            values, counts = np.unique(names, return_counts=True)
-            assert answer == values[counts.argmax()]  # the background covers most cells
-        elif qtype == "fine":
-            r, c = (int(w) - 1 for w in question.split() if w.isdigit())
-            assert answer == names[r, c]
-        elif qtype == "regional":
-            rows, cols = np.nonzero(names == "red")
-            assert answer == QUADRANTS[(int(rows.mean() >= 6), int(cols.mean() >= 6))]
-    multi = SyntheticVQA(10, seed=0, turns=5)[0]
-    assert sorted(t for t, _, _ in multi.questions) == sorted([*QUESTION_TYPES, "fine"])
+    for dot_size in (1, 2, 4, 8):
+        a, b = SyntheticVQA(40, seed=3, dot_sizes=(dot_size,)), SyntheticVQA(40, seed=3, dot_sizes=(dot_size,))
+        for i in range(40):
+            s = a[i]
+            assert np.array_equal(s.image, b[i].image) and s.questions == b[i].questions
+            qtype, question, answer = s.questions[0]
+            assert qtype == QUESTION_TYPES[i % 4] and set((question + " " + answer).split()) <= words
+            px = s.image[::UNIT, ::UNIT]  # one pixel per unit, read back from the image
+            assert np.array_equal(np.repeat(np.repeat(px, UNIT, 0), UNIT, 1), s.image)  # units are uniform
+            names = np.array([[palette[tuple(int(c) for c in p)] for p in r] for r in px])  # [24, 24]
+            dots = np.argwhere(np.isin(names, list(DOT_COLOURS)))  # one dot: a dot_size-square of one colour
+            assert len(dots) == dot_size**2 and np.ptp(dots, 0).tolist() == [dot_size - 1] * 2
+            if qtype == "global":
+                values, counts = np.unique(names, return_counts=True)
+                assert answer == values[counts.argmax()]  # the background covers most of the board
+            elif qtype == "fine":
+                assert answer == names[tuple(dots[0])]
+            elif qtype == "regional":
+                rows, cols = np.nonzero(names == "red")
+                assert answer == QUADRANTS[(int(rows.mean() >= 12), int(cols.mean() >= 12))]
+            elif qtype == "counting":  # shapes fill slots (aligned 4x4-unit blocks) in one shape colour
+                slots = names.reshape(6, 4, 6, 4).transpose(0, 2, 1, 3).reshape(36, 16)
+                shapes = [s[0] for s in slots if s[0] in SHAPE_COLOURS and (s == s[0]).all()]
+                assert answer == NUMBERS[len(shapes) - 1]
+    multi = SyntheticVQA(10, seed=0, turns=4)[0]
+    assert sorted(t for t, _, _ in multi.questions) == sorted(QUESTION_TYPES)
+    with pytest.raises(ValueError, match=r"turns must be in 1\.\.4 \(one question per type\), got 5"):
+        SyntheticVQA(10, turns=5)
+    with pytest.raises(ValueError, match=r"dot_sizes must be sides in units \(2 pixels\) from 1 to 8, got \(9,\)"):
+        SyntheticVQA(10, dot_sizes=(9,))

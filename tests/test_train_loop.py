@@ -77,6 +77,7 @@ def test_default_command_writes_a_loadable_run(tmp_path):
     records = _losses(run)
     assert [r["step"] for r in records] == [1, 2]
     assert all(set(r["scale_losses"]) == {"1", "9", "36", "144", "576"} for r in records)
+    assert all(set(r["lr"]) == {"projector", "lm"} for r in records)  # the built-in tower stays frozen
     assert json.loads((run / "report.json").read_text())["num_samples"] == 4
     model = LlavaForConditionalGeneration.from_pretrained(run / "model")
     fastnest.patch_llava(model, scales=tuple(json.loads((run / "model/fastnest.json").read_text())["scales"]))
@@ -115,6 +116,16 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, tiny_dir):
     for x, y, z in zip(full, accum, ckpt):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["loss"] == pytest.approx(z["loss"], rel=1e-6)
         assert x["lm_tokens"] == y["lm_tokens"]
+
+
+def test_freeze_defaults_to_the_vision_tower_only_for_the_built_in_model():
+    from fastnest.cli import train_parser
+
+    assert TrainConfig().freeze == ("vision",) and TrainConfig(model="m").freeze == ()
+    parse = train_parser().parse_args
+    assert parse([]).freeze is None and parse(["--freeze", "none"]).freeze == ()
+    assert TrainConfig(**vars(parse(["--freeze", "none"]))).freeze == ()
+    assert TrainConfig(**vars(parse(["--freeze", "lm,projector"]))).freeze == ("lm", "projector")
 
 
 def test_per_part_learning_rates_and_freezing(tmp_path, tiny_dir):

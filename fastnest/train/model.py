@@ -19,7 +19,10 @@ SETTINGS_FILE = "fastnest.json"
 def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForConditionalGeneration:
     """The built-in run's model: a 1-layer CLIP-style tower on 2-pixel patches (24x24 grid) and a 2-layer Llama.
 
-    The tower's last layer is the feature layer (LLaVA's default, -2, would compute a layer nobody reads).
+    The tower's last layer is the feature layer (LLaVA's default, -2, would compute a layer nobody reads). The
+    Llama has 2 heads of 32 dimensions and RoPE base 1e6, so more of each head rotates slowly enough to match
+    content across ~600 visual tokens: with 4 heads of 16 and base 1e4, on the same data, every scale's loss
+    stayed equal for 600 steps (it read only the background); 2 heads of 32 with base 1e6 learned the dot.
     """
     torch.manual_seed(seed)
     model = tiny_llava(
@@ -29,8 +32,9 @@ def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForCon
         vision_layers=1,
         hidden=64,
         layers=2,
-        heads=4,
-        kv_heads=2,
+        heads=2,
+        kv_heads=1,
+        rope_theta=1e6,
         vocab=vocab,
         image_token_id=image_token_id,
     )

@@ -21,7 +21,7 @@ from ..packing import IGNORE_INDEX
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
 from . import checkpoint, distributed
 from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, SyntheticExamples, count_targets
-from .data_synthetic import QUESTION_TYPES
+from .data_synthetic import QUESTION_TYPES, TRAIN_DOT_SIZES
 from .model import default_model_and_processor, load_model_and_processor, save_run_model
 from .template import SYSTEM_V1
 
@@ -46,7 +46,7 @@ class TrainConfig:
     lr_vision: float | None = None
     lr_projector: float | None = None
     lr_lm: float | None = None
-    freeze: tuple[str, ...] = ()
+    freeze: tuple[str, ...] | None = None  # None: ("vision",) for the built-in model, () with --model
     weight_decay: float = 0.0
     warmup_steps: int = 30
     max_grad_norm: float = 1.0
@@ -61,7 +61,7 @@ class TrainConfig:
     strategy: str = "auto"
     device: str = "auto"
     system: str = SYSTEM_V1
-    synthetic_turns: int = 5
+    synthetic_turns: int = 4
     eval_samples: int = 400
     eval_batch_size: int = 16
     analyze: bool = True
@@ -69,6 +69,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.scales = tuple(self.scales)
+        if self.freeze is None:
+            # The built-in tower stays at its random init: trained from scratch, its features of the colours that
+            # only the rare questions need collapsed onto the background colours' (LLaVA keeps CLIP frozen too).
+            self.freeze = ("vision",) if self.model is None else ()
         self.freeze = tuple(self.freeze)
         for part in self.freeze:
             if part not in PARTS:
@@ -84,7 +88,7 @@ class TrainConfig:
             raise ValueError("--image-folder needs --data")
 
 
-DEFAULT_STEPS = 1200  # the built-in run: sized for 10 minutes on 2 CPU cores
+DEFAULT_STEPS = 2000  # the built-in run: sized for 10 minutes on 2 CPU cores
 
 
 def _parts(model) -> dict[str, list[torch.nn.Parameter]]:
@@ -189,7 +193,10 @@ def _settings(cfg: TrainConfig, spec: MatryoshkaScales) -> dict:
 
 def _examples(cfg: TrainConfig, total_positions: int, bad: BadSamples):
     if cfg.data is None:
-        return SyntheticExamples(max(1, total_positions), seed=cfg.seed, turns=cfg.synthetic_turns), False
+        examples = SyntheticExamples(
+            max(1, total_positions), seed=cfg.seed, turns=cfg.synthetic_turns, dot_sizes=TRAIN_DOT_SIZES
+        )
+        return examples, False
     return LlavaJsonExamples(cfg.data, cfg.image_folder, bad), True
 
 
