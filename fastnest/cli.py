@@ -28,7 +28,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="fastnest train")
     p.description = (
         "Train a LLaVA model on every Matryoshka scale at once. Without --model/--data: a tiny LLaVA from scratch on "
-        "the built-in synthetic visual-question set (about 10 minutes on 2 CPU cores), then the granularity analysis."
+        "the built-in synthetic visual-question set (about 7 minutes on 2 CPU cores), then the granularity analysis."
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--output-dir", default=d.output_dir, help="run directory (default: %(default)s)")

@@ -21,8 +21,8 @@ def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForCon
 
     The tower's last layer is the feature layer (LLaVA's default, -2, would compute a layer nobody reads). The
     Llama has 2 heads of 32 dimensions and RoPE base 1e6, so more of each head rotates slowly enough to match
-    content across ~600 visual tokens: with 4 heads of 16 and base 1e4, on the same data, every scale's loss
-    stayed equal for 600 steps (it read only the background); 2 heads of 32 with base 1e6 learned the dot.
+    content across ~600 visual tokens: with 4 heads of 16 and base 1e4, every scale's loss stayed equal for
+    600 steps (it read only the background) on data where 2 heads of 32 with base 1e6 learned the dot.
     """
     torch.manual_seed(seed)
     model = tiny_llava(

@@ -88,7 +88,7 @@ class TrainConfig:
             raise ValueError("--image-folder needs --data")
 
 
-DEFAULT_STEPS = 2000  # the built-in run: sized for 10 minutes on 2 CPU cores
+DEFAULT_STEPS = 2000  # the built-in run: about 7 minutes on 2 CPU cores
 
 
 def _parts(model) -> dict[str, list[torch.nn.Parameter]]:
