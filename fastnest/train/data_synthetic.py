@@ -142,12 +142,7 @@ class Scene:
         r, c = divmod(int(rng.choice(np.flatnonzero(empty))), empty.shape[1])  # 3 shapes leave room for 8x8
         dot = str(rng.choice(list(DOT_COLOURS)))
         units[r : r + dot_size, c : c + dot_size] = dot
-        free = np.flatnonzero(
-            (units[::2, ::2] == background)
-            & (units[1::2, 1::2] == background)
-            & (units[::2, 1::2] == background)
-            & (units[1::2, ::2] == background)
-        )
+        free = np.flatnonzero((units == background).reshape(BOARD, 2, BOARD, 2).all((1, 3)))  # whole cells
         for flat in rng.choice(free, size=min(int(rng.integers(clutter[0], clutter[1] + 1)), free.size), replace=False):
             r, c = divmod(int(flat), BOARD)
             units[2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = str(rng.choice(others))
