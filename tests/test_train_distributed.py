@@ -18,8 +18,8 @@ import torch
 import fastnest
 from fastnest.train import checkpoint
 from fastnest.train.data_llava import BadSamples, Collator, SyntheticExamples
-from fastnest.train.trainer import TrainConfig, train
-from tests.train_helpers import TINY_SCALES, save_tiny_model, tiny_model, tiny_processor
+from fastnest.train.trainer import train
+from tests.train_helpers import TINY_SCALES, save_tiny_model, tiny_config, tiny_model, tiny_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,19 +65,7 @@ def _records(run):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("one") / "run"
-    train(
-        TrainConfig(
-            output_dir=str(out),
-            model=str(tiny_dir),
-            scales=TINY_SCALES,
-            steps=3,
-            batch_size=4,
-            system="A chat",
-            synthetic_turns=2,
-            progress=False,
-            analyze=False,
-        )
-    )
+    train(tiny_config(out, tiny_dir, steps=3, batch_size=4))
     return _records(out)
 
 
@@ -152,21 +140,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_finishes(tmp
     logged = _records(run)
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
-    train(
-        TrainConfig(
-            output_dir="unused",
-            model=str(tiny_dir),
-            scales=TINY_SCALES,
-            steps=6,
-            batch_size=2,
-            system="A chat",
-            synthetic_turns=2,
-            progress=False,
-            analyze=False,
-            save_every=2,
-            resume=str(run),
-        )
-    )
+    train(tiny_config("unused", tiny_dir, steps=6, batch_size=2, save_every=2, resume=str(run)))
     records = _records(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records[:4]] == [r["loss"] for r in logged]  # steps 3-4 re-run exactly

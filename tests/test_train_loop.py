@@ -13,7 +13,7 @@ import fastnest
 from fastnest.cli import main
 from fastnest.train import checkpoint
 from fastnest.train.trainer import TrainConfig, train
-from tests.train_helpers import TINY_SCALES, save_tiny_model
+from tests.train_helpers import TINY_SCALES, save_tiny_model, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +22,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def _cfg(tmp_path, tiny_dir, name="run", **kw):
-    base = dict(
-        output_dir=str(tmp_path / name),
-        model=str(tiny_dir),
-        scales=TINY_SCALES,
-        steps=4,
-        batch_size=2,
-        system="A chat",
-        synthetic_turns=2,
-        eval_samples=8,
-        eval_batch_size=8,
-        progress=False,
-        analyze=False,
+    return tiny_config(
+        tmp_path / name, tiny_dir, **({"steps": 4, "batch_size": 2, "eval_samples": 8, "eval_batch_size": 8} | kw)
     )
-    return TrainConfig(**(base | kw))
 
 
 def _losses(run_dir):

@@ -85,3 +85,19 @@ def row(
 def write_json(path: Path, rows: list) -> Path:
     path.write_text(json.dumps(rows))
     return path
+
+
+def tiny_config(output_dir, model_dir, **kw):
+    """A short run of the tiny model on the synthetic set (no progress bar, no analysis unless asked)."""
+    from fastnest.train.trainer import TrainConfig
+
+    base = dict(
+        output_dir=str(output_dir),
+        model=str(model_dir),
+        scales=TINY_SCALES,
+        system="A chat",
+        synthetic_turns=2,
+        progress=False,
+        analyze=False,
+    )
+    return TrainConfig(**(base | kw))
