@@ -38,4 +38,14 @@ void pool(const void* y, const void* bias, void* out, int64_t images, int64_t gr
 void fold(const void* grad_out, void* grad_y, int64_t images, int64_t grid, int64_t channels,
           const std::vector<Scale>& scales, int64_t total, DType dtype, int num_threads);
 
+// The target of a row that adds no loss (fastnest.constants.IGNORE_INDEX).
+constexpr int64_t kIgnoreIndex = -100;
+
+// One chunk of the fused linear cross-entropy over logits [rows, vocab] (row r at logits + r * row_stride): per
+// row, in fp32 (fp64 for fp64), lse = log sum exp(z); loss[r] = lse - z[targets[r]] and, in place, z <- coef[r]
+// * (softmax(z) - onehot(targets[r])). A row whose target is kIgnoreIndex gets loss 0 and a zero row. Throws
+// std::invalid_argument for a target outside [0, vocab) that is not kIgnoreIndex. NaN logits give NaN.
+void ce_grad(void* logits, int64_t row_stride, const int64_t* targets, const float* coef, float* loss, int64_t rows,
+             int64_t vocab, DType dtype, int num_threads);
+
 }  // namespace fastnest

@@ -1,6 +1,6 @@
 // fastnest._C: a plain CPython module (no torch headers, so it builds without torch). Functions take tensors as
 // data pointers (int), shapes, a dtype code (kernels.h DType) and a thread count; they release the GIL while the
-// kernels run. fastnest/ops/projector_native.py validates tensors before calling them; the checks here only
+// kernels run. fastnest/ops/*/native.py validate tensors before calling them; the checks here only
 // keep a wrong call from touching memory out of bounds where the arguments say so.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -180,6 +180,29 @@ PyObject* fold(PyObject*, PyObject* args) {
     });
 }
 
+PyObject* ce_grad(PyObject*, PyObject* args) {
+    unsigned long long logits, targets, coef, loss;
+    long long row_stride, rows, vocab;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KLKKKLLii:ce_grad", &logits, &row_stride, &targets, &coef, &loss, &rows, &vocab,
+                          &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("logits", logits) || !check_pointer("targets", targets) ||
+        !check_pointer("coef", coef) || !check_pointer("loss", loss) || !check_positive("rows", rows) ||
+        !check_positive("vocab", vocab) || !check_positive("num_threads", threads))
+        return nullptr;
+    if (row_stride < vocab) {
+        PyErr_Format(PyExc_ValueError, "row_stride %lld is smaller than vocab %lld", row_stride, vocab);
+        return nullptr;
+    }
+    return run([&] {
+        fastnest::ce_grad(reinterpret_cast<void*>(logits), row_stride, reinterpret_cast<const int64_t*>(targets),
+                          reinterpret_cast<const float*>(coef), reinterpret_cast<float*>(loss), rows, vocab, dtype,
+                          threads);
+    });
+}
+
 PyMethodDef methods[] = {
     {"gelu_forward", gelu_forward, METH_VARARGS,
      "gelu_forward(pre, bias, h, rows, cols, dtype, approximate, num_threads): h = gelu(pre + bias); with a bias "
@@ -192,12 +215,16 @@ PyMethodDef methods[] = {
     {"fold", fold, METH_VARARGS,
      "fold(grad_out, grad_y, images, grid, channels, kernels, offsets, total, dtype, num_threads): the adjoint "
      "of pool, grad_y [images, grid*grid, channels]."},
+    {"ce_grad", ce_grad, METH_VARARGS,
+     "ce_grad(logits, row_stride, targets, coef, loss, rows, vocab, dtype, num_threads): per row of logits "
+     "[rows, vocab], loss = logsumexp - logits[target] (fp32) and logits <- coef * (softmax - onehot(target)) in "
+     "place; target -100: loss 0, zero row."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fastnest._C",
-    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold); see fastnest/ops/projector_native.py.", -1,
+    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy); see fastnest/ops/*/native.py.", -1,
     methods, nullptr, nullptr, nullptr, nullptr,
 };
 
