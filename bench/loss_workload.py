@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from fastnest.loss import fused_linear_cross_entropy, grouped_cross_entropy
+from fastnest.ops.cross_entropy.function import fused_linear_cross_entropy
+from fastnest.ops.cross_entropy.naive import grouped_cross_entropy
 
 LOSS_VARIANTS = ("fused", "logits_ce")
 TOKENS, HIDDEN, GROUPS = 2048, 256, 5

@@ -2,18 +2,17 @@
 (registers, spills, shared memory, tensor-core instructions), without a GPU.
 
 Run from the repository root: ``python -m bench.static_report`` (exit status 1 if any configuration has a problem).
-``--module NAME`` (repeatable) reports the modules named instead of fastnest.ops.aot.KERNEL_MODULES, e.g.
+``--module NAME`` (repeatable) reports the modules named instead of tools.aot_configs.KERNEL_MODULES, e.g.
 ``--module tests.aot_samples``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 
-from fastnest.ops import aot
+from tools import aot, aot_configs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", action="append", help="kernel module exposing aot_configs(arch)")
     parser.add_argument("--arch", action="append", type=int, choices=aot.ARCHS, help="default: all")
     args = parser.parse_args(argv)
-    modules = args.module or aot.KERNEL_MODULES
+    modules = args.module or aot_configs.KERNEL_MODULES
     archs = args.arch or aot.ARCHS
-    jobs = [
-        (config, arch)
-        for arch in archs
-        for name in modules
-        for config in importlib.import_module(name).aot_configs(arch)
-    ]
+    jobs = [(config, arch) for arch in archs for name in modules for config in aot.module_configs(name, arch)]
     start = time.perf_counter()
     results = aot.compile_reports(jobs)
     elapsed = time.perf_counter() - start

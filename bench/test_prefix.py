@@ -19,7 +19,7 @@ import torch
 
 from bench.conftest import PREFIX_RESULTS
 from bench.workload import ATTENTIONS, StepWorker
-from fastnest.attention import check_attention
+from fastnest.dispatch import check_backend
 
 SHARES = ("shared", "unshared")
 PAIRS = 10
@@ -32,7 +32,7 @@ def _unavailable(attention: str) -> str | None:
     if not torch.cuda.is_available():
         return f"{attention} runs on CUDA"
     try:
-        check_attention(attention)
+        check_backend("attention", attention)
     except ValueError as e:
         return str(e)
     return None

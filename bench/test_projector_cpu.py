@@ -6,7 +6,7 @@ test and as a table at the end of the run:
 
 - ``torch``: ``nn.Sequential(Linear, GELU, Linear)``, then ``F.avg_pool2d`` per scale on the [N, D, 24, 24] view
   and ``torch.cat`` (autograd for the backward);
-- ``native``: fastnest's native CPU functions (fastnest/ops/projector_native.py);
+- ``native``: fastnest's native CPU functions (fastnest/ops/projector/native.py);
 - ``gemm_only``: just the GEMMs either variant must run (2 forward, 4 more backward), a floor for both.
 
 Shapes: LLaVA-1.5-7B's projector (1024 -> 4096 -> 4096, 2 images) and a small one (256 -> 1024 -> 1024, 8 images).
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from bench.conftest import SUMMARIES
 from fastnest.dispatch import native_available, native_error
-from fastnest.projector import matryoshka_project
+from fastnest.ops.projector.function import matryoshka_project
 from fastnest.scales import DEFAULT_SCALES
 
 GRID = 24

@@ -8,7 +8,7 @@ Ways to take one training step (forward + backward) on the same weights and batc
 - ``fastnest/<attention>/<shared|unshared>``: the same with ``patch_llava(attention=..., share_prefix=...)``;
   flash/xformers/flex run on CUDA in bfloat16 (FlexAttention has no CPU backward);
 - ``released_loop``: the released M3 code's loop (vision + projector per scale, padded batch per scale,
-  full fp32 logits), from tests/reference.py;
+  full fp32 logits), from tools/m3_reference.py;
 - ``vanilla``: plain Hugging Face LLaVA at one scale (576 tokens per image).
 """
 
@@ -24,8 +24,8 @@ import torch
 
 import fastnest
 from fastnest.tiny import tiny_llava
-from tests.batches import IMG, make_batch
-from tests.reference import released_m3_loss
+from tools.batches import IMG, make_batch
+from tools.m3_reference import released_m3_loss
 
 SCALES = (1, 9, 36, 144, 576)
 VARIANTS = ("fastnest", "released_loop", "vanilla")

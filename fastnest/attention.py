@@ -18,7 +18,6 @@ mask) is built once per step in :class:`VarlenInfo` and reused by every layer, w
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,65 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .dispatch import OPS
 from .packing import PackedSequences, cumulative_lengths, key_layout
 
-BACKENDS = ("flash", "xformers", "flex", "sdpa")
-_CUDA_ONLY = {"flash": "flash_attn", "xformers": "xformers"}  # backend -> module it imports
-
-
-def _unavailable(backend: str) -> str | None:
-    """Why ``backend`` cannot run in this process at all (None when it can)."""
-    if backend in _CUDA_ONLY:
-        module = _CUDA_ONLY[backend]
-        if importlib.util.find_spec(module) is None:
-            return f"the {module} package is not installed (pip install {module.replace('_', '-')})"
-        if not torch.cuda.is_available():
-            return f"{module} runs on CUDA and torch.cuda.is_available() is False"
-    if backend == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
-    return None
-
-
-def check_attention(name: str) -> str:
-    """Validate an attention choice (``"auto"`` or one of :data:`BACKENDS`) for this process; returns it.
-
-    ValueError for an unknown name, or a backend this process cannot run (what is missing is named).
-    """
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"attention {name!r} is not one of {('auto', *BACKENDS)}")
-    reason = None if name == "auto" else _unavailable(name)
-    if reason is not None:
-        raise ValueError(f"attention {name!r} is unavailable: {reason}")
-    return name
-
-
-def resolve_attention(name: str, device: torch.device | str, dtype: torch.dtype, backward: bool = True) -> str:
-    """The backend that runs the packed attention for tensors of ``device``/``dtype``.
-
-    ``"auto"``: on CUDA, flash (when installed and ``dtype`` is fp16/bf16), else xformers (when installed),
-    else sdpa; elsewhere sdpa. FlexAttention is used only when asked for. A named backend is returned as is
-    or ValueError says why it cannot run these tensors; nothing falls back silently.
-    """
-    device = torch.device(device)
-    half = dtype in (torch.float16, torch.bfloat16)
-    if name == "auto":
-        if device.type == "cuda":
-            if _unavailable("flash") is None and half:
-                return "flash"
-            if _unavailable("xformers") is None:
-                return "xformers"
-        return "sdpa"
-    check_attention(name)
-    reason = None
-    if name in _CUDA_ONLY and device.type != "cuda":
-        reason = f"it runs on CUDA tensors, got {device.type}"
-    elif name == "flash" and not half:
-        reason = f"FlashAttention takes float16/bfloat16, got {dtype}"
-    elif name == "flex" and backward and device.type != "cuda":
-        reason = f"FlexAttention's backward needs CUDA tensors, got {device.type} (its forward runs there)"
-    if reason is not None:
-        raise ValueError(f"attention {name!r} cannot run here: {reason}; use attention='sdpa' or 'auto'")
-    return name
+BACKENDS = OPS["attention"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,8 @@
-"""The one place that decides which implementation runs an op: Triton, the native CPU extension, or PyTorch."""
+"""The one resolver: which backend runs an op (a kernel op or the packed attention) for given tensors.
+
+It resolves names only; each op (fastnest/ops/*/function.py, fastnest/attention.py) maps the resolved name to
+its implementation. A named backend runs or a ValueError says why it cannot; nothing falls back silently.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,15 @@ import os
 
 import torch
 
-BACKENDS = ("triton", "native", "torch")
+BACKENDS = ("triton", "native", "torch")  # the kernel ops' backends
+OPS: dict[str, tuple[str, ...]] = {
+    "projector": BACKENDS,
+    "pooling": BACKENDS,
+    "cross_entropy": BACKENDS,
+    "attention": ("flash", "xformers", "flex", "sdpa"),
+}
+_CUDA_ONLY = {"flash": "flash_attn", "xformers": "xformers"}  # attention backend -> module it imports
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def triton_interpreting() -> bool:
@@ -35,37 +47,111 @@ def native_available() -> bool:
     return native_error() is None
 
 
-def _unavailable(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None when it can)."""
-    if backend == "torch":
+def _process_error(op: str, backend: str) -> str | None:
+    """Why ``backend`` of ``op`` cannot run in this process at all (None when it can)."""
+    if op == "attention":
+        if backend in _CUDA_ONLY:
+            module = _CUDA_ONLY[backend]
+            if importlib.util.find_spec(module) is None:
+                return f"the {module} package is not installed (pip install {module.replace('_', '-')})"
+            if not torch.cuda.is_available():
+                return f"{module} runs on CUDA and torch.cuda.is_available() is False"
+        if backend == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         return None
     if backend == "triton":
-        if not _triton_importable():
-            return "triton is not installed"
+        return None if _triton_importable() else "triton is not installed"
+    if backend == "native":
+        return native_error()
+    return None
+
+
+def _kernel_error(backend: str, device: torch.device) -> str | None:
+    """Why kernel backend ``backend`` cannot run on ``device`` (None when it can)."""
+    reason = _process_error("kernel", backend)
+    if reason is not None or backend == "torch":
+        return reason
+    if backend == "triton":
         if device.type != "cuda" and not triton_interpreting():
             return f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
         return None
     if device.type != "cpu":
         return f"the native extension runs on CPU tensors, got {device.type}"
-    return native_error()
+    return None
 
 
-def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
-    """The backend an op runs with on ``device``.
+def _attention_error(backend: str, device: torch.device, dtype: torch.dtype | None, backward: bool) -> str | None:
+    """Why attention ``backend`` (runnable in this process) cannot run these tensors (None when it can)."""
+    if backend in _CUDA_ONLY and device.type != "cuda":
+        return f"it runs on CUDA tensors, got {device.type}"
+    if backend == "flash" and dtype not in _HALF:
+        return f"FlashAttention takes float16/bfloat16, got {dtype}"
+    if backend == "flex" and backward and device.type != "cuda":
+        return f"FlexAttention's backward needs CUDA tensors, got {device.type} (its forward runs there)"
+    return None
 
-    ``None``/``"auto"``: CUDA (with Triton) -> ``"triton"``; CPU -> ``"native"`` when ``fastnest._C`` is built,
-    else ``"torch"``. A named backend is returned as is, or ValueError says why it cannot run; nothing falls
-    back silently.
+
+def _label(op: str) -> str:
+    return "attention" if op == "attention" else "backend"
+
+
+def check_backend(op: str, backend: str | None) -> str:
+    """Validate a backend choice for ``op`` at patch time: None/``"auto"`` -> ``"auto"``; else the name.
+
+    ValueError for an unknown op or name (the allowed ones are named) or a backend this process can never run
+    (what is missing is named).
+    """
+    if op not in OPS:
+        raise ValueError(f"op {op!r} is not one of {tuple(OPS)}")
+    if backend is None or backend == "auto":
+        return "auto"
+    if backend not in OPS[op]:
+        raise ValueError(f"{_label(op)} {backend!r} is not one of {('auto', *OPS[op])}")
+    reason = _process_error(op, backend)
+    if reason is not None:
+        raise ValueError(f"{_label(op)} {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    if op == "attention":
+        if device.type == "cuda":
+            if _process_error(op, "flash") is None and dtype in _HALF:
+                return "flash"
+            if _process_error(op, "xformers") is None:
+                return "xformers"
+        return "sdpa"
+    for candidate in ("triton", "native") if device.type == "cuda" else ("native",):
+        if _kernel_error(candidate, device) is None:
+            return candidate
+    return "torch"
+
+
+def resolve_backend(
+    op: str,
+    device: torch.device | str,
+    backend: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    backward: bool = True,
+) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` (attention also looks at ``dtype``/``backward``).
+
+    Kernel ops, ``None``/``"auto"``: CUDA (with Triton) -> ``"triton"``; CPU -> ``"native"`` when
+    ``fastnest._C`` is built, else ``"torch"``. Attention, auto: on CUDA, flash (when installed and ``dtype`` is
+    fp16/bf16), else xformers (when installed), else sdpa; elsewhere sdpa; FlexAttention only when asked for.
+    A named backend is returned as is, or ValueError says why it cannot run; nothing falls back silently.
     """
     device = torch.device(device)
-    if backend is None or backend == "auto":
-        for candidate in ("triton", "native") if device.type == "cuda" else ("native",):
-            if _unavailable(candidate, device) is None:
-                return candidate
-        return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {('auto', *BACKENDS)}")
-    reason = _unavailable(backend, device)
+    name = check_backend(op, backend)
+    if name == "auto":
+        return _auto(op, device, dtype)
+    if op == "attention":
+        reason = _attention_error(name, device, dtype, backward)
+        if reason is not None:
+            raise ValueError(f"attention {name!r} cannot run here: {reason}; use attention='sdpa' or 'auto'")
+        return name
+    reason = _kernel_error(name, device)
     if reason is not None:
-        raise ValueError(f"backend {backend!r} is unavailable: {reason}")
-    return backend
+        raise ValueError(f"backend {name!r} is unavailable: {reason}")
+    return name

@@ -12,9 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .constants import IGNORE_INDEX
 from .scales import MatryoshkaScales
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-DEFAULT_SCALES: tuple[int, ...] = (1, 9, 36, 144, 576)
+from .constants import DEFAULT_SCALES
+
+__all__ = ["DEFAULT_SCALES", "MatryoshkaScales", "allowed_scales"]
 
 
 def _is_int(value: object) -> bool:

@@ -1,4 +1,4 @@
-"""Sample Triton kernels that prove the AOT tooling (fastnest/ops/aot.py) before and beside the real kernels.
+"""Sample Triton kernels that prove the AOT tooling (tools/aot.py) before and beside the real kernels.
 
 A bf16 GEMM with a bias epilogue (must use tensor cores), an elementwise kernel (no GEMM), and a configuration that
 must spill (a 128x64 fp32 accumulator held by a single warp: 256 registers per thread, one more than exist).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastnest.ops.aot import AotConfig
+from tools.aot import AotConfig
 
 
 @triton.jit

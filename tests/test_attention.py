@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from fastnest.attention import BACKENDS, VarlenInfo, check_attention, resolve_attention, varlen_attention
+from fastnest.attention import BACKENDS, VarlenInfo, varlen_attention
+from fastnest.dispatch import check_backend, resolve_backend
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -80,7 +81,7 @@ def backend_or_skip(backend, device, dtype, backward):
     if torch.device(device).type == "cuda" and not CUDA:
         pytest.skip("needs CUDA")
     try:
-        return resolve_attention(backend, device, dtype, backward=backward)
+        return resolve_backend("attention", device, backend, dtype=dtype, backward=backward)
     except ValueError as e:  # a package missing on this CUDA machine
         pytest.skip(str(e))
 
@@ -233,17 +234,17 @@ def test_empty_sequence_in_middle_matches_no_empty():
 
 def test_auto_resolves_to_sdpa_on_cpu_and_never_to_flex():
     for dtype in (torch.float32, torch.bfloat16):
-        assert resolve_attention("auto", "cpu", dtype) == "sdpa"
+        assert resolve_backend("attention", "cpu", "auto", dtype=dtype) == "sdpa"
     if not CUDA:
-        assert resolve_attention("auto", "cuda", torch.bfloat16) == "sdpa"  # nothing else can run here
-    assert resolve_attention("sdpa", "cpu", torch.float32) == "sdpa"
-    assert resolve_attention("flex", "cpu", torch.float32, backward=False) == "flex"
+        assert resolve_backend("attention", "cuda", "auto", dtype=torch.bfloat16) == "sdpa"  # nothing else can run here
+    assert resolve_backend("attention", "cpu", "sdpa", dtype=torch.float32) == "sdpa"
+    assert resolve_backend("attention", "cpu", "flex", dtype=torch.float32, backward=False) == "flex"
 
 
 @pytest.mark.parametrize("name", ["flash2", "eager", "SDPA", ""])
 def test_error_unknown_backend(name):
     with pytest.raises(ValueError, match=r"is not one of \('auto', 'flash', 'xformers', 'flex', 'sdpa'\)"):
-        check_attention(name)
+        check_backend("attention", name)
     with pytest.raises(ValueError, match="is not one of"):
         info_for((2, 3), backend=name)
 
@@ -251,20 +252,20 @@ def test_error_unknown_backend(name):
 @pytest.mark.parametrize("backend, package", [("flash", "flash_attn"), ("xformers", "xformers")])
 def test_error_cuda_backend_on_cpu(backend, package):
     with pytest.raises(ValueError, match=rf"attention '{backend}' .*({package}|CUDA)"):
-        resolve_attention(backend, "cpu", torch.bfloat16)
+        resolve_backend("attention", "cpu", backend, dtype=torch.bfloat16)
     if not CUDA:  # unavailable in this process: already at the check done when patching
         with pytest.raises(ValueError, match=rf"attention '{backend}' is unavailable: .*{package}"):
-            check_attention(backend)
+            check_backend("attention", backend)
 
 
 def test_error_flash_in_float32():
     with pytest.raises(ValueError, match="flash"):
-        resolve_attention("flash", "cuda", torch.float32)
+        resolve_backend("attention", "cuda", "flash", dtype=torch.float32)
 
 
 def test_error_flex_backward_on_cpu():
     with pytest.raises(ValueError, match="FlexAttention's backward needs CUDA"):
-        resolve_attention("flex", "cpu", torch.float32, backward=True)
+        resolve_backend("attention", "cpu", "flex", dtype=torch.float32, backward=True)
 
 
 def test_error_flex_dropout():

@@ -1,6 +1,7 @@
 """fused_linear_cross_entropy against plain float64 logits + F.cross_entropy, group by group, forward and backward.
 
-Both backends run: chunked PyTorch and the Triton kernel (in Triton's interpreter on CPU, so shapes stay small).
+Every backend runs: chunked PyTorch, the Triton kernel (in Triton's interpreter on CPU, so shapes stay small) and
+the native kernel (fastnest._C; skipped where it is not built).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnest import dispatch
-from fastnest.loss import MIN_CHUNK_ROWS, chunk_rows, fused_linear_cross_entropy, grouped_cross_entropy
+from fastnest.ops.cross_entropy.function import MIN_CHUNK_ROWS, chunk_rows, fused_linear_cross_entropy
+from fastnest.ops.cross_entropy.naive import grouped_cross_entropy
 
-BACKENDS = ["torch", "triton"]
+NATIVE = pytest.mark.skipif(not dispatch.native_available(), reason=str(dispatch.native_error()))
+BACKENDS = ["torch", "triton", pytest.param("native", marks=NATIVE)]
 IGNORE = -100
 
 
@@ -254,14 +257,20 @@ def test_autocast_runs_in_the_autocast_dtype():
         assert_close(got, want, TOL[torch.bfloat16])
 
 
-def test_native_backend_runs_chunked_pytorch(monkeypatch):
-    """fastnest._C has no cross-entropy kernel: where dispatch picks "native", the op runs chunked PyTorch."""
-    monkeypatch.setattr(dispatch, "native_error", lambda: None)  # as if fastnest._C were built
-    assert dispatch.resolve_backend("cpu") == "native"
+@NATIVE
+def test_native_backend_runs_the_native_kernel(monkeypatch):
+    """Where dispatch picks "native" (a CPU with fastnest._C built), the chunks run the native kernel."""
+    from fastnest.ops.cross_entropy import native
+
+    assert dispatch.resolve_backend("cross_entropy", "cpu") == "native"
+    calls = []
+    original = native.ce_grad_
+    monkeypatch.setattr(native, "ce_grad_", lambda *a: calls.append(a[0].shape) or original(*a))
     hidden, weight, _, targets, tg = make(6, 8, 17, [0, 1, 0, 1, -1, 0], seed=11)
-    native = fused_linear_cross_entropy(hidden, weight, targets, tg, 2, chunk_size=4)[1]
+    got = fused_linear_cross_entropy(hidden, weight, targets, tg, 2, chunk_size=4)[1]
     plain = fused_linear_cross_entropy(hidden, weight, targets, tg, 2, chunk_size=4, backend="torch")[1]
-    assert torch.equal(native, plain)
+    assert calls == [(4, 17), (2, 17)]
+    torch.testing.assert_close(got, plain, rtol=FP32, atol=0)
 
 
 # --- memory: no [T, V] tensor, ever ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 sm_90 without register spills, within the shared memory a block may use, and GEMMs on tensor cores (HMMA on sm_80,
 HGMMA = wgmma on sm_90). Sample kernels (tests/aot_samples.py) show each check passing and failing.
 
-Under TRITON_INTERPRET (no CUDA) the compilation runs in child processes without it (fastnest/ops/aot.py). The
+Under TRITON_INTERPRET (no CUDA) the compilation runs in child processes without it (tools/aot.py). The
 registered kernels take minutes to compile on 2 cold cores (Triton's cache makes repeats fast): marked slow.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import fastnest.ops
-from fastnest.ops import aot
 from tests import aot_samples
+from tools import aot, aot_configs
 
 # 2 buffers of a 64x512 and a 512x64 bf16 tile (256 KiB) exceed sm_90's 227 KiB; 8 warps keep it spill-free there.
 SMEM_OVERFLOW = aot_samples.matmul_config("sample_matmul_smem_overflow", 64, 64, 512, num_warps=8, num_stages=3)
@@ -53,8 +53,9 @@ def _report(reports, name: str, arch: int) -> aot.KernelReport:
 
 
 def test_registry_lists_every_triton_kernel_module():
-    on_disk = {f"fastnest.ops.{path.stem}" for path in Path(fastnest.ops.__file__).parent.glob("*_triton.py")}
-    assert set(aot.KERNEL_MODULES) == on_disk
+    ops = Path(fastnest.ops.__file__).parent
+    on_disk = {f"fastnest.ops.{path.parent.name}.triton" for path in ops.glob("*/triton.py")}
+    assert set(aot_configs.KERNEL_MODULES) == on_disk
     for arch in aot.ARCHS:
         names = [config.name for config in aot.registered_configs(arch)]
         assert len(names) == len(set(names)), f"duplicate config names for sm_{arch}: {names}"

@@ -1,4 +1,4 @@
-"""patch_llava against the released algorithm (tests/reference.py), on CPU (and on CUDA where there is one)."""
+"""patch_llava against the released algorithm (tools/m3_reference.py), on CPU (and on CUDA where there is one)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 import fastnest
 from fastnest.tiny import tiny_llava
-from tests.batches import IMG, make_batch
-from tests.compare import assert_grads_match
-from tests.reference import reference_greedy, released_m3_loss, scaled_rows
+from tools.batches import IMG, make_batch
+from tools.compare import assert_grads_match
+from tools.m3_reference import reference_greedy, released_m3_loss, scaled_rows
 
 SCALES = (1, 9, 36, 144, 576)
 
@@ -385,8 +385,10 @@ def test_registry_dispatches_on_model_type():
 def test_projector_kernels_in_the_training_step(backend, monkeypatch):
     """patch_llava runs LLaVA's projector through the fused kernels (Triton's interpreter here); same loss/grads."""
     calls = []
-    original = fastnest.projector._ProjectPool.apply
-    monkeypatch.setattr(fastnest.projector._ProjectPool, "apply", lambda *a: calls.append(a) or original(*a))
+    original = fastnest.ops.projector.function._ProjectPool.apply
+    monkeypatch.setattr(
+        fastnest.ops.projector.function._ProjectPool, "apply", lambda *a: calls.append(a) or original(*a)
+    )
     ref = build(seed=4).train()
     fast = fastnest.patch_llava(copy.deepcopy(ref), scales=SCALES, backend=backend).train()
     batch = make_batch(ref, [[6, IMG, 12], [9, IMG, 4]])
@@ -438,7 +440,7 @@ def test_explicit_sdpa_and_flex_forward_on_cpu():
 @pytest.mark.parametrize("attention", ["flash", "xformers", "flex", "sdpa"])
 def test_cuda_backends_match_released_loop(attention, share_prefix, monkeypatch):
     try:
-        fastnest.attention.check_attention(attention)
+        fastnest.dispatch.check_backend("attention", attention)
     except ValueError as e:
         pytest.skip(str(e))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the vision tower's patch convolution

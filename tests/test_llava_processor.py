@@ -9,8 +9,8 @@ import torch
 
 import fastnest
 from fastnest.tiny import tiny_llava
-from tests.compare import assert_grads_match
-from tests.reference import reference_greedy, released_m3_loss, scaled_rows
+from tools.compare import assert_grads_match
+from tools.m3_reference import reference_greedy, released_m3_loss, scaled_rows
 
 Image = pytest.importorskip("PIL.Image")
 WORDS = "USER: ASSISTANT: what colour is the shape ? red blue green a picture of and describe it large small".split()

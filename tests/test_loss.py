@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastnest.loss import grouped_cross_entropy
+from fastnest.ops.cross_entropy.naive import grouped_cross_entropy
 
 
 def direct_ce(logits, targets):

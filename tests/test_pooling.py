@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastnest.pooling import multiscale_pool
-from fastnest.projector import matryoshka_project
+from fastnest.ops.pooling.naive import multiscale_pool
+from fastnest.ops.projector.function import matryoshka_project
+from fastnest.ops.projector.naive import reference_pool
 from fastnest.scales import MatryoshkaScales
-
-from .projector_reference import reference_pool
 
 TOL = {
     torch.float32: dict(rtol=1e-6, atol=1e-6),

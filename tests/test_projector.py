@@ -8,9 +8,9 @@ from transformers.activations import ACT2FN
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from fastnest import dispatch
-from fastnest.projector import MatryoshkaProjector, _ProjectPool, fusable_parts, matryoshka_project
-
-from .projector_reference import reference_pool, reference_project
+from fastnest.connectors import MatryoshkaProjector
+from fastnest.ops.projector.function import _ProjectPool, fusable_parts, matryoshka_project
+from fastnest.ops.projector.naive import reference_pool, reference_project
 
 
 def mlp(k=12, h=20, d=16, act=None, bias=True):
@@ -128,7 +128,9 @@ def test_backend_errors(monkeypatch):
 
 def test_auto_backend_on_cpu():
     expected = "native" if dispatch.native_available() else "torch"
-    assert dispatch.resolve_backend("cpu") == dispatch.resolve_backend("cpu", "auto") == expected
+    assert (
+        dispatch.resolve_backend("projector", "cpu") == dispatch.resolve_backend("projector", "cpu", "auto") == expected
+    )
 
 
 def test_matryoshka_projector_module():
@@ -143,7 +145,7 @@ def test_matryoshka_projector_module():
 
 
 def test_inference_keeps_no_pre_activation(monkeypatch):
-    from fastnest.ops import projector_triton
+    from fastnest.ops.projector import triton as projector_triton
 
     kept = []
     original = projector_triton.linear_gelu

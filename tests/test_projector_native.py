@@ -1,4 +1,4 @@
-"""The native CPU projector functions (fastnest/ops/projector_native.py, fastnest._C) against float64 PyTorch.
+"""The native CPU projector and pooling functions (fastnest/ops/{projector,pooling}/native.py, fastnest._C) against float64 PyTorch.
 
 Skipped only when the extension is not built (the skip reason says why); CI builds it, so these run there.
 """
@@ -18,7 +18,8 @@ from fastnest.scales import DEFAULT_SCALES, MatryoshkaScales
 pytestmark = pytest.mark.skipif(not native_available(), reason=str(native_error()))
 
 if native_available():
-    from fastnest.ops import projector_native as native
+    from fastnest.ops.pooling import native as pool_native
+    from fastnest.ops.projector import native
 
 # Outputs are rounded to the dtype once or twice (GEMM result, then the GELU or the mean); values are O(1).
 TOL = {
@@ -145,7 +146,7 @@ def check_linear_pool(grid, scales, dtype, n, hidden, d, bias=True, seed=0):
 def check_pool(grid, scales, dtype, n, d, seed=0):
     spec = MatryoshkaScales(grid, scales)
     y = randn(n * grid * grid, d, dtype=dtype, seed=seed)
-    out = native.pool(y, spec)
+    out = pool_native.pool(y, spec)
     assert out.shape == (n, spec.total, d)
     assert_close(out, ref_pool(y.double(), spec), dtype)
 
@@ -153,7 +154,7 @@ def check_pool(grid, scales, dtype, n, d, seed=0):
 def check_fold(grid, scales, dtype, n, d, seed=0):
     spec = MatryoshkaScales(grid, scales)
     grad_out = randn(n, spec.total, d, dtype=dtype, seed=seed)
-    grad_y = native.fold(grad_out, spec)
+    grad_y = pool_native.fold(grad_out, spec)
     assert grad_y.shape == (n * grid * grid, d)
     assert_close(grad_y, ref_fold(grad_out, spec), dtype)
 
@@ -235,10 +236,10 @@ def test_non_contiguous_inputs_match_contiguous():
         torch.testing.assert_close(out, native.linear_pool(h.contiguous(), w2.contiguous(), b2.contiguous(), s))
 
     y = randn(d, n * 36, seed=13).t()
-    torch.testing.assert_close(native.pool(y, spec), native.pool(y.contiguous(), spec))
+    torch.testing.assert_close(pool_native.pool(y, spec), pool_native.pool(y.contiguous(), spec))
 
     grad_out = torch.ones(1, 1, 1).expand(n, spec.total, d)  # what autograd hands over for out.sum()
-    torch.testing.assert_close(native.fold(grad_out, spec), native.fold(grad_out.contiguous(), spec))
+    torch.testing.assert_close(pool_native.fold(grad_out, spec), pool_native.fold(grad_out.contiguous(), spec))
 
     grad_y = randn(d, n * 36, seed=12).t()
     pre_t = pre.t().contiguous().t()
@@ -271,12 +272,12 @@ def _bad_calls():
         (r"w2 must be \[D, 5\]", lambda: native.linear_pool(h, w2[:, :4], b2, spec)),
         (r"b2 must have shape \(3,\)", lambda: native.linear_pool(h, w2, b2[:2], spec)),
         ("b2 has dtype torch.float16", lambda: native.linear_pool(h, w2, b2.half(), spec)),
-        (r"y must have N\*36 rows", lambda: native.pool(h[:71], spec)),
-        ("y must be 2-D", lambda: native.pool(grad_out, spec)),
-        ("spec must be a fastnest.MatryoshkaScales", lambda: native.pool(h, 6)),
-        (r"grad_out must be \[N, 45, D\]", lambda: native.fold(grad_out[:, :44], spec)),
-        ("grad_out must be 3-D", lambda: native.fold(grad_out[0], spec)),
-        ("spec must be a fastnest.MatryoshkaScales", lambda: native.fold(grad_out, None)),
+        (r"y must have N\*36 rows", lambda: pool_native.pool(h[:71], spec)),
+        ("y must be 2-D", lambda: pool_native.pool(grad_out, spec)),
+        ("spec must be a fastnest.MatryoshkaScales", lambda: pool_native.pool(h, 6)),
+        (r"grad_out must be \[N, 45, D\]", lambda: pool_native.fold(grad_out[:, :44], spec)),
+        ("grad_out must be 3-D", lambda: pool_native.fold(grad_out[0], spec)),
+        ("spec must be a fastnest.MatryoshkaScales", lambda: pool_native.fold(grad_out, None)),
         (r"w2 must be \[2, H\]", lambda: native.linear_gelu_backward(grad_out[0, :, :2], w2, pre, "none")),
         (r"pre must have shape \(72, 5\)", lambda: native.linear_gelu_backward(h[:, :3], w2, pre[:71], "none")),
         ("pre has dtype torch.bfloat16", lambda: native.linear_gelu_backward(h[:, :3], w2, pre.bfloat16(), "none")),
@@ -325,7 +326,7 @@ class NativeProjector(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, w1, w2, h, pre = ctx.saved_tensors
-        grad_y = native.fold(grad_out, ctx.spec)
+        grad_y = pool_native.fold(grad_out, ctx.spec)
         grad_pre = native.linear_gelu_backward(grad_y, w2, pre, ctx.approximate)
         return grad_pre @ w1, grad_pre.t() @ x, grad_pre.sum(0), grad_y.t() @ h, grad_y.sum(0), None, None
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastnest.ops import projector_triton as pt
-from fastnest.projector import matryoshka_project
+from fastnest.ops.pooling import triton as pool_triton
+from fastnest.ops.projector import triton as pt
+from fastnest.ops.projector.function import matryoshka_project
+from fastnest.ops.projector.naive import reference_pool, reference_project
 from fastnest.scales import DEFAULT_SCALES, MatryoshkaScales
-
-from .projector_reference import reference_pool, reference_project
 
 # relative to the largest entry of the compared tensor: bf16/fp16 round the GELU output before GEMM2
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -40,7 +40,7 @@ def check_linear_pool_and_fold(grid, scales, n, k, d, dtype=torch.float32, bias=
     grad_out = randn(n, spec.total, d, dtype=dtype, seed=seed + 3)
     y = y.detach().requires_grad_(True)
     (reference_pool(y, grid, scales) * grad_out.double()).sum().backward()  # the adjoint, by autograd
-    close(pt.fold(grad_out, spec), y.grad.view(-1, d), TOL[dtype], f"fold {grid} {scales}")
+    close(pool_triton.fold(grad_out, spec), y.grad.view(-1, d), TOL[dtype], f"fold {grid} {scales}")
 
 
 SUBSETS = [s for r in range(1, 6) for s in itertools.combinations(DEFAULT_SCALES, r)]

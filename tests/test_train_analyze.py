@@ -13,8 +13,8 @@ from fastnest.train import report
 from fastnest.train.analyze import Scores, score_batch, summarize
 from fastnest.train.data_llava import BadSamples, Batch, Collator, SyntheticExamples
 from fastnest.train.prefill import multiscale_logits
-from tests.reference import scaled_rows
 from tests.train_helpers import TINY_SCALES, tiny_model, tiny_processor
+from tools.m3_reference import scaled_rows
 
 
 def _batch(processor, n=3):

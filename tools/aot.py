@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 / sm_90, without a GPU, and a resource report per kernel.
 
-Each Triton kernel module listed in ``KERNEL_MODULES`` exposes ``aot_configs(arch: int) -> list[AotConfig]`` covering
-every configuration its dispatcher can choose. ``compile_reports`` compiles them with Triton's bundled ptxas and reads
+tools/aot_configs.py lists, per Triton kernel module of fastnest/ops (``KERNEL_MODULES``), every configuration its
+launcher can choose; another module (e.g. tests.aot_samples) may expose ``aot_configs(arch) -> list[AotConfig]``. ``compile_reports`` compiles them with Triton's bundled ptxas and reads
 registers, spills (stack / local memory, STL/LDL instructions), shared memory and tensor-core instructions (HMMA on
 sm_80, HGMMA = wgmma on sm_90) out of the cubin with Triton's bundled cuobjdump.
 
@@ -24,10 +24,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-# Modules holding Triton kernels; each exposes aot_configs(arch). tests/test_gpu_ready.py checks that every
-# fastnest/ops/*_triton.py file is listed here.
-KERNEL_MODULES: tuple[str, ...] = ("fastnest.ops.projector_triton", "fastnest.ops.cross_entropy_triton")
 
 ARCHS = (80, 90)
 # Shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin), CUDA programming guide,
@@ -113,12 +109,20 @@ class KernelReport:
         return not self.problems()
 
 
+def module_configs(module_name: str, arch: int) -> list[AotConfig]:
+    """The configurations of one kernel module: registered in tools/aot_configs.py, else its ``aot_configs(arch)``."""
+    from tools.aot_configs import KERNEL_CONFIGS
+
+    if module_name in KERNEL_CONFIGS:
+        return KERNEL_CONFIGS[module_name](arch)
+    return importlib.import_module(module_name).aot_configs(arch)
+
+
 def registered_configs(arch: int) -> list[AotConfig]:
-    """Every configuration of every registered kernel module for ``arch`` (a missing module is an error)."""
-    configs = []
-    for module_name in KERNEL_MODULES:
-        configs.extend(importlib.import_module(module_name).aot_configs(arch))
-    return configs
+    """Every configuration of every registered kernel module (tools/aot_configs.py) for ``arch``."""
+    from tools.aot_configs import KERNEL_MODULES
+
+    return [config for module_name in KERNEL_MODULES for config in module_configs(module_name, arch)]
 
 
 def compile_report(config: AotConfig, arch: int) -> KernelReport:
@@ -293,7 +297,7 @@ def _compile_in_children(jobs: Sequence[tuple[AotConfig, int]], workers: int) ->
             with open(paths[0], "w") as f:
                 json.dump([encoded[i] for i in indices], f)
             with open(paths[2], "w") as err:  # files, not pipes: kernel imports may print, and nothing can block
-                command = [sys.executable, "-m", "fastnest.ops.aot", paths[0], paths[1]]
+                command = [sys.executable, "-m", "tools.aot", paths[0], paths[1]]
                 children.append((indices, paths, subprocess.Popen(command, stdout=err, stderr=err, env=env)))
         failures = []
         for indices, paths, child in children:

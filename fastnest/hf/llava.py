@@ -10,11 +10,12 @@ import torch
 from transformers import LlavaForConditionalGeneration, activations
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaMultiModalProjector
 
-from ..attention import VarlenInfo, check_attention, resolve_attention
-from ..dispatch import BACKENDS
-from ..loss import fused_linear_cross_entropy, grouped_cross_entropy
+from ..attention import VarlenInfo
+from ..dispatch import BACKENDS, check_backend, resolve_backend
+from ..ops.cross_entropy.function import fused_linear_cross_entropy
+from ..ops.cross_entropy.naive import grouped_cross_entropy
+from ..ops.projector.function import matryoshka_project, register_gelu, register_projector
 from ..packing import pad_packed, plan_matryoshka
-from ..projector import matryoshka_project, register_gelu, register_projector
 from ..scales import DEFAULT_SCALES, MatryoshkaScales
 from . import attention as hf_attention
 
@@ -97,7 +98,7 @@ def patch_llava(
     if backend not in (None, "auto", *BACKENDS):
         raise ValueError(f"backend {backend!r} is not one of {(None, 'auto', *BACKENDS)}")
     spec = MatryoshkaScales(_grid(model.config), scales)
-    check_attention(attention)
+    check_backend("attention", attention)
     text_config = model.config.text_config
     previous = getattr(model, "_fastnest", None)
     inner = previous.attn_inner if previous else text_config._attn_implementation or "eager"
@@ -200,7 +201,7 @@ def _train_step(model, input_ids, attention_mask, pixel_values, labels, num_item
     device = source.device
     packed = plan.packed.to(device)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else source.dtype
-    backend = resolve_attention(state.attention, device, dtype, backward=torch.is_grad_enabled())
+    backend = resolve_backend("attention", device, state.attention, dtype=dtype, backward=torch.is_grad_enabled())
     info = VarlenInfo.from_packed(packed, device, backend)
     with hf_attention.packed_forward():
         out = model.model.language_model(

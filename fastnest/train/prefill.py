@@ -15,7 +15,7 @@ import torch
 from .. import plan_matryoshka
 from ..attention import VarlenInfo
 from ..hf import attention as hf_attention
-from ..projector import matryoshka_project
+from ..ops.projector.function import matryoshka_project
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,5 @@
-"""The Matryoshka objective: mean over scales of each scale's token-mean next-token cross-entropy.
-
-``grouped_cross_entropy`` takes logits (the plain reference); ``fused_linear_cross_entropy`` takes the hidden
-states and the output projection and never holds more than one chunk of logits.
-"""
+"""The fused linear cross-entropy: ``grouped_cross_entropy(hidden @ weight.T + bias, ...)`` without ever holding
+all the logits, one chunk of logits at a time; the backend table of the cross-entropy op."""
 
 from __future__ import annotations
 
@@ -10,55 +7,12 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .dispatch import resolve_backend
-from .packing import IGNORE_INDEX
+from ...constants import IGNORE_INDEX
+from ...dispatch import resolve_backend
+from .naive import denominators, group_sums
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def grouped_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    target_group: torch.Tensor,
-    num_groups: int,
-    num_items: int | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy per loss group, accumulated in fp32.
-
-    ``target_group[i]`` in ``[0, num_groups)`` assigns target ``i`` to one group; ``-1`` counts it towards
-    every group (a text-only row computed once stands for all scales). Group ``g``'s loss is the sum of its
-    targets' CE divided by its target count (or by ``num_items``, as Hugging Face's ``num_items_in_batch``
-    for gradient accumulation). Targets equal to -100 are ignored: they add to no sum and no count (a group
-    left with no target has loss 0/0 = NaN, as the mean of nothing). Returns ``(mean over groups, per-group
-    losses)``; both keep the graph.
-    """
-    if target_group.numel() and int(target_group.max()) >= num_groups:
-        raise ValueError(f"target_group holds {int(target_group.max())} but num_groups is {num_groups}")
-    ce = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
-    per_group = _group_sums(ce, target_group, num_groups) / _denominators(targets, target_group, num_groups, num_items)
-    return per_group.mean(), per_group
-
-
-def _group_sums(values: torch.Tensor, target_group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``[num_groups]``: each group's sum of ``values``, group -1 entries added to every group (no host sync)."""
-    shared = target_group < 0
-    own = values.new_zeros(num_groups).index_add(0, target_group.clamp(min=0), values.masked_fill(shared, 0))
-    return own + values.masked_fill(~shared, 0).sum()
-
-
-def _denominators(
-    targets: torch.Tensor, target_group: torch.Tensor, num_groups: int, num_items: int | torch.Tensor | None
-) -> torch.Tensor:
-    """fp32 ``[num_groups]``: each group's count of non-ignored targets, or ``num_items`` for every group."""
-    if num_items is not None:
-        return torch.as_tensor(num_items, dtype=torch.float32, device=targets.device).expand(num_groups)
-    return _group_sums((targets != IGNORE_INDEX).float(), target_group, num_groups)
-
-
-# --- fused linear cross-entropy ---------------------------------------------------------------------------
-
 
 # Every chunk reads and writes the whole fp32 [V, Hd] weight-gradient accumulator, so that GEMM's arithmetic
 # intensity is about the chunk's row count: on CPU (T=2048, Hd=256, V=32000) 17-row chunks took 4.5x, 64 rows
@@ -100,7 +54,7 @@ def fused_linear_cross_entropy(
     ``per_group`` itself gets a gradient, not just ``loss``, backward reruns the chunks with per-group weights).
 
     ``backend``: None/"auto", "triton", "native" or "torch", resolved by ``fastnest.dispatch.resolve_backend``
-    (see ``_chunk_kernel`` for what runs).
+    (``_KERNELS`` maps it to the chunk kernel that runs).
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # as autocast runs a linear layer: in its dtype
@@ -108,43 +62,39 @@ def fused_linear_cross_entropy(
         hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
     _check_inputs(hidden, weight, bias, targets, target_group, num_groups, chunk_size)
     targets, target_group = targets.long().contiguous(), target_group.long().contiguous()
-    kernel = _chunk_kernel(resolve_backend(hidden.device, backend))
+    kernel = _KERNELS[resolve_backend("cross_entropy", hidden.device, backend)]()
     rows = chunk_size or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    denom = _denominators(targets, target_group, num_groups, num_items)
+    denom = denominators(targets, target_group, num_groups, num_items)
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     with torch.autocast(device_type, enabled=False):  # the chunk GEMMs choose their own precision
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, target_group, denom, rows, kernel, needs)
 
 
-def _chunk_kernel(backend: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    """The per-chunk softmax / loss / d-logits step for a resolved backend.
-
-    fastnest has no native (C++) kernel for it: where ``resolve_backend`` picks "native" (a CPU with
-    ``fastnest._C`` built), chunked PyTorch runs, exactly as for "torch" (its GEMMs are ATen's BLAS either way).
-    """
-    if backend == "triton":
-        from .ops.cross_entropy_triton import ce_grad_
-
-        return ce_grad_
-    if backend in ("native", "torch"):
-        return _ce_grad_torch_
-    raise ValueError(f"backend {backend!r} has no cross-entropy implementation")
+CeGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def _ce_grad_torch_(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, loss: torch.Tensor) -> None:
-    """PyTorch twin of ``fastnest.ops.cross_entropy_triton.ce_grad_``: per-row CE into ``loss`` (fp32) and
-    ``logits <- coef * (softmax - onehot(target))`` in place; ignored rows get 0 and 0."""
-    z = logits.float()  # logits itself when fp32, else one fp32 copy of the chunk
-    valid = targets != IGNORE_INDEX
-    safe = torch.where(valid, targets, 0)[:, None]
-    lse = torch.logsumexp(z, dim=1)
-    loss.copy_(torch.where(valid, lse - z.gather(1, safe)[:, 0], 0.0))
-    z.sub_(lse[:, None]).exp_()
-    z.scatter_add_(1, safe, -valid[:, None].float())
-    z.mul_(torch.where(valid, coef, 0.0)[:, None])
-    if z is not logits:
-        logits.copy_(z)
+def _triton() -> CeGrad:
+    from . import triton
+
+    return triton.ce_grad_
+
+
+def _native() -> CeGrad:
+    from . import native
+
+    return native.ce_grad_
+
+
+def _torch() -> CeGrad:
+    from . import torch_chunk
+
+    return torch_chunk.ce_grad_
+
+
+# The per-chunk softmax / loss / d-logits step, ``ce_grad_(logits, targets, coef, loss)``, of each backend; the
+# chunk GEMMs are ATen's (cuBLAS, MKL) for every backend.
+_KERNELS: dict[str, Callable[[], CeGrad]] = {"triton": _triton, "native": _native, "torch": _torch}
 
 
 def _token_coef(target_group: torch.Tensor, valid: torch.Tensor, group_coef: torch.Tensor) -> torch.Tensor:
@@ -204,7 +154,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         coef = _token_coef(target_group, valid, (1.0 / num_groups) / denom)  # d loss / d ce_i
         ce, *grads = _chunked_pass(hidden, weight, bias, targets, coef, rows, kernel, needs)
-        per_group = _group_sums(ce, target_group, num_groups) / denom
+        per_group = group_sums(ce, target_group, num_groups) / denom
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, targets, target_group, denom, *grads)
         ctx.rows, ctx.kernel, ctx.needs = rows, kernel, needs

@@ -11,19 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import IGNORE_INDEX
-from .aot import AotConfig
+from ...constants import IGNORE_INDEX
 
 # (BLOCK_V, num_warps) by vocabulary size: a small vocabulary in one block, a large one in 4096-wide blocks
 # (AOT-compiled for sm_80 and sm_90: at most 40 registers, no spills).
-_SMALL_VOCAB = (1024, 4)
-_LARGE_VOCAB = (4096, 8)
-_NUM_STAGES = 2
-_LOGIT_TYPES = ("fp32", "bf16", "fp16")  # the chunk buffer has hidden's dtype
+SMALL_VOCAB = (1024, 4)
+LARGE_VOCAB = (4096, 8)
+NUM_STAGES = 2
+LOGIT_TYPES = ("fp32", "bf16", "fp16")  # the chunk buffer has hidden's dtype
 
 
 @triton.jit
-def _ce_grad_kernel(
+def ce_grad_kernel(
     logits_ptr,
     row_stride,
     targets_ptr,
@@ -62,7 +61,7 @@ def _ce_grad_kernel(
 
 
 def _config(vocab: int) -> tuple[int, int]:
-    return _SMALL_VOCAB if vocab <= _SMALL_VOCAB[0] else _LARGE_VOCAB
+    return SMALL_VOCAB if vocab <= SMALL_VOCAB[0] else LARGE_VOCAB
 
 
 def ce_grad_(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, loss: torch.Tensor) -> None:
@@ -73,7 +72,7 @@ def ce_grad_(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, lo
     if rows == 0:
         return
     block, warps = _config(vocab)
-    _ce_grad_kernel[(rows,)](
+    ce_grad_kernel[(rows,)](
         logits,
         logits.stride(0),
         targets,
@@ -83,38 +82,5 @@ def ce_grad_(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, lo
         IGNORE_INDEX=IGNORE_INDEX,
         BLOCK_V=block,
         num_warps=warps,
-        num_stages=_NUM_STAGES,
+        num_stages=NUM_STAGES,
     )
-
-
-def aot_configs(arch: int) -> list[AotConfig]:
-    """Every configuration ``ce_grad_`` can launch (logits dtype x block choice), for ahead-of-time compilation.
-
-    The kernel makes no architecture-specific choice, so ``arch`` does not change the list.
-    """
-    del arch
-    configs = []
-    for name in _LOGIT_TYPES:
-        for block, warps in (_SMALL_VOCAB, _LARGE_VOCAB):
-            configs.append(
-                AotConfig(
-                    name=f"ce_grad_{name}_v{block}",
-                    fn=_ce_grad_kernel,
-                    signature={
-                        "logits_ptr": f"*{name}",
-                        "row_stride": "i32",
-                        "targets_ptr": "*i64",
-                        "coef_ptr": "*fp32",
-                        "loss_ptr": "*fp32",
-                        "vocab": "i32",
-                    },
-                    constexprs={"IGNORE_INDEX": IGNORE_INDEX, "BLOCK_V": block},
-                    num_warps=warps,
-                    num_stages=_NUM_STAGES,
-                    is_gemm=False,
-                    # chunks start at multiples of 16 rows (fastnest.loss.chunk_rows) and real vocabularies are
-                    # multiples of 16 (32000, 32064, 128256)
-                    aligned=("logits_ptr", "targets_ptr", "coef_ptr", "loss_ptr", "row_stride", "vocab"),
-                )
-            )
-    return configs

@@ -1,10 +1,10 @@
-"""Multi-scale average pooling of a square visual-token grid (M3 pools AFTER the projector)."""
+"""Multi-scale average pooling of a square visual-token grid, the plain reference (M3 pools AFTER the projector)."""
 
 from __future__ import annotations
 
 import torch
 
-from .scales import MatryoshkaScales
+from ...scales import MatryoshkaScales
 
 
 def multiscale_pool(x: torch.Tensor, spec: MatryoshkaScales) -> torch.Tensor:

@@ -7,18 +7,18 @@ kernels then run GEMM1+GELU and GEMM2 with the pooling in its epilogue. Anything
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
-from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from .dispatch import resolve_backend
-from .pooling import multiscale_pool
-from .scales import DEFAULT_SCALES, MatryoshkaScales
+from ...dispatch import resolve_backend
+from ...scales import MatryoshkaScales
+from ..pooling.function import pool
+from ..pooling.naive import multiscale_pool
 
 ProjectorParts = tuple[nn.Linear, nn.Module, nn.Linear]
 
@@ -26,7 +26,6 @@ _PROJECTORS: dict[type, Callable[[nn.Module], ProjectorParts]] = {
     nn.Sequential: lambda m: tuple(m) if len(m) == 3 else None,
 }
 _GELUS: dict[type, Callable[[nn.Module], str]] = {nn.GELU: lambda m: m.approximate}
-_OPS = {"triton": "fastnest.ops.projector_triton", "native": "fastnest.ops.projector_native"}
 
 
 def register_projector(cls: type, parts: Callable[[nn.Module], ProjectorParts | None]) -> None:
@@ -57,15 +56,37 @@ def fusable_parts(projector: nn.Module) -> tuple[nn.Linear, str, nn.Linear] | No
     return l1, gelu(act), l2
 
 
-def _ops(backend: str) -> ModuleType:
-    return importlib.import_module(_OPS[backend])
+class ProjectorKernels(NamedTuple):
+    """A backend's fused projector kernels (see fastnest/ops/projector/triton.py and native.py)."""
+
+    linear_gelu: Callable
+    linear_pool: Callable
+    linear_gelu_backward: Callable
+    fold: Callable
+
+
+def _triton() -> ProjectorKernels:
+    from ..pooling import triton as pooling
+    from . import triton
+
+    return ProjectorKernels(triton.linear_gelu, triton.linear_pool, triton.linear_gelu_backward, pooling.fold)
+
+
+def _native() -> ProjectorKernels:
+    from ..pooling import native as pooling
+    from . import native
+
+    return ProjectorKernels(native.linear_gelu, native.linear_pool, native.linear_gelu_backward, pooling.fold)
+
+
+_KERNELS: dict[str, Callable[[], ProjectorKernels]] = {"triton": _triton, "native": _native}
 
 
 class _ProjectPool(torch.autograd.Function):
     """pool(linear_2(gelu(linear_1(x)))) to every scale; saves x, the pre-activation and the GELU output."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, spec: MatryoshkaScales, approximate: str, ops: ModuleType, train: bool):
+    def forward(ctx, x, w1, b1, w2, b2, spec: MatryoshkaScales, approximate: str, ops: ProjectorKernels, train: bool):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         w1, w2 = w1.contiguous(), w2.contiguous()
         h, pre = ops.linear_gelu(x2, w1, b1, approximate, train)
@@ -92,20 +113,6 @@ class _ProjectPool(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
 
 
-class _Pool(torch.autograd.Function):
-    """Multi-scale pooling of an arbitrary projector's output with a backend's pool and fold kernels."""
-
-    @staticmethod
-    def forward(ctx, y, spec: MatryoshkaScales, ops: ModuleType):
-        ctx.spec, ctx.ops, ctx.y_shape = spec, ops, y.shape
-        return ops.pool(y.reshape(-1, y.shape[-1]).contiguous(), spec)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        return ctx.ops.fold(grad_out.contiguous(), ctx.spec).view(ctx.y_shape), None, None
-
-
 def _spec_for(x: torch.Tensor, scales: tuple[int, ...] | MatryoshkaScales) -> MatryoshkaScales:
     grid = math.isqrt(x.shape[1]) if x.dim() == 3 else 0
     if x.dim() != 3 or grid * grid != x.shape[1]:
@@ -129,12 +136,12 @@ def matryoshka_project(
     "torch") is resolved by ``fastnest.dispatch.resolve_backend``; "torch" runs the module, then pools.
     """
     spec = _spec_for(x, scales)
-    backend = resolve_backend(x.device, backend)
+    backend = resolve_backend("projector", x.device, backend)
     parts = fusable_parts(projector) if isinstance(projector, nn.Module) else None
     if backend == "torch" or x.shape[0] == 0:
         return multiscale_pool(projector(x), spec)
     if parts is None:
-        return _Pool.apply(projector(x), spec, _ops(backend))
+        return pool(projector(x), spec, backend)
     l1, approximate, l2 = parts
     tensors = (x, l1.weight, l1.bias, l2.weight, l2.bias)
     device_type = x.device.type
@@ -147,25 +154,4 @@ def matryoshka_project(
     # ctx.needs_input_grad ignores no_grad mode; inference must not keep the pre-activation
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     with torch.autocast(device_type, enabled=False):
-        return _ProjectPool.apply(*tensors, spec, approximate, _ops(backend), train)
-
-
-class MatryoshkaProjector(nn.Module):
-    """Drop-in replacement for an LMM's projector: ``[N, grid*grid, Dv] -> [N, sum(scales), D]``.
-
-    Holds the original projector as ``projector`` (its parameters and state-dict keys move under that name).
-    """
-
-    def __init__(
-        self, projector: nn.Module, grid: int, scales: tuple[int, ...] = DEFAULT_SCALES, backend: str | None = None
-    ) -> None:
-        super().__init__()
-        self.projector = projector
-        self.spec = MatryoshkaScales(grid, scales)
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matryoshka_project(x, self.projector, self.spec, self.backend)
-
-    def extra_repr(self) -> str:
-        return f"grid={self.spec.grid}, scales={self.spec.scales}, backend={self.backend or 'auto'}"
+        return _ProjectPool.apply(*tensors, spec, approximate, _KERNELS[backend](), train)

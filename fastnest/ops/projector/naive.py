@@ -1,4 +1,7 @@
-"""Independent float64 references for the projector and the multi-scale pooling: F.linear, F.gelu, F.avg_pool2d."""
+"""Independent float64 references for the projector and the multi-scale pooling: F.linear, F.gelu, F.avg_pool2d.
+
+The plain reference the projector kernels are tested against (tests/, bench/): no fastnest code involved.
+"""
 
 from __future__ import annotations
 

@@ -5,113 +5,42 @@ orders its M dimension by 8x8 spatial tiles of the grid (64 rows per tile), so o
 4x4 and 8x8 means from the fp32 accumulator without re-reading the output; scales whose kernel is a multiple of
 8 (the whole-image mean of a 24x24 grid) come from a second reduction over the tiles' 8x8 means. Any other
 scale set or grid (SigLIP 27x27, kernel 3, 6, 12...) takes plain GEMM2 + the general pyramid-pooling kernel.
-Backward: the fold kernel spreads each pooled row's gradient (1/k^2 per window row) back onto the full-grid
-gradient that feeds GEMM2's backward, whose epilogue applies GELU's derivative.
+Backward: the fold kernel (fastnest/ops/pooling/triton.py) spreads each pooled row's gradient back onto the
+full-grid gradient that feeds GEMM2's backward, whose epilogue applies GELU's derivative.
 
 Functions here take 2-D row-major tensors and follow the contract of fastnest/ops/__init__.py.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import triton_interpreting
-from ..scales import MatryoshkaScales
-from .aot import AotConfig
-
-INTERPRET_BF16_DOT_AS_FP32 = tl.constexpr(triton_interpreting())
+from ...scales import MatryoshkaScales
+from ..pooling.triton import pool, pyramid
+from ..triton_common import gelu, gelu_grad, mainloop
 
 TILE = 8  # spatial tile side of the fused GEMM2: BLOCK_M = 64 rows, one warpgroup's wgmma M on sm_90
-_TILE_LEVELS = (1, 2, 4, 8)  # kernels the fused epilogue produces inside a tile
+TILE_LEVELS = (1, 2, 4, 8)  # kernels the fused epilogue produces inside a tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per input dtype; the dispatcher chooses nothing else. Chosen
 # from the AOT reports (python -m bench.static_report): the widest tiles whose GELU epilogues do not spill on sm_80
 # or sm_90 (128x128 bf16 tiles spill on sm_80; fp32's tf32x3 holds three operand copies).
-_GEMM_CONFIG = {
+GEMM_CONFIG = {
     torch.float32: (128, 64, 32, 8, 3),
     torch.bfloat16: (128, 64, 64, 8, 3),
     torch.float16: (128, 64, 64, 8, 3),
 }
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused GEMM2; BLOCK_M is one 8x8 tile. 8 warps: with 4, the
 # pooling epilogue's reshapes push the fp32 tile past 255 registers.
-_POOL_GEMM_CONFIG = {torch.float32: (128, 32, 8, 3), torch.bfloat16: (128, 64, 8, 3), torch.float16: (128, 64, 8, 3)}
-_BLOCK_D = 128  # feature block of the pooling and fold kernels
-_BLOCK_P = 32  # grid rows per fold program
-_BLOCK_C = 16  # pooled cells per pyramid-level program
+POOL_GEMM_CONFIG = {torch.float32: (128, 32, 8, 3), torch.bfloat16: (128, 64, 8, 3), torch.float16: (128, 64, 8, 3)}
 
 EPILOGUE_BIAS, EPILOGUE_BIAS_GELU, EPILOGUE_GELU_GRAD = 0, 1, 2
 
 
 @triton.jit
-def _tanh(x):
-    # tanh without overflow: exp(-2|x|) <= 1
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _gelu(x, APPROX_TANH: tl.constexpr):
-    if APPROX_TANH:
-        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    else:
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(x, APPROX_TANH: tl.constexpr):
-    if APPROX_TANH:
-        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-
-
-@triton.jit
-def _dot(a, b, acc, TF32X3: tl.constexpr):
-    if TF32X3:  # fp32 inputs when torch disallows TF32: three TF32 products, fp32-accurate, still on tensor cores
-        return tl.dot(a, b, acc, input_precision="tf32x3")
-    elif INTERPRET_BF16_DOT_AS_FP32 and a.dtype == tl.bfloat16:
-        # Triton 3.9's interpreter multiplies bf16 bit patterns as integers; bf16 products are exact in fp32,
-        # so this is the same fp32-accumulated result the tensor cores give. Never taken when compiled.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _mainloop(
-    a_ptr,
-    a_offs,
-    b_ptr,
-    b_offs,
-    K,
-    stride_bk,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    TF32X3: tl.constexpr,
-):
-    """fp32 [BLOCK_M, BLOCK_N] = A @ B over K; A's rows are contiguous in K, B moves ``stride_bk`` per k."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptr + a_offs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptr + b_offs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = _dot(a, b, acc, TF32X3)
-        a_offs += BLOCK_K
-        b_offs += BLOCK_K * stride_bk
-    return acc
-
-
-@triton.jit
-def _gemm_kernel(
+def gemm_kernel(
     a_ptr,
     b_ptr,
     bias_ptr,
@@ -157,26 +86,26 @@ def _gemm_kernel(
     cols = tl.where(offs_n < N, offs_n, 0)
     a_offs = rows[:, None] * stride_am + offs_k[None, :]
     b_offs = offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = _mainloop(a_tile, a_offs, b_ptr, b_offs, K, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, TF32X3)
+    acc = mainloop(a_tile, a_offs, b_ptr, b_offs, K, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, TF32X3)
 
     mask = (m0 + local_m[:, None] < M) & (offs_n[None, :] < N)
     c_tile = m0.to(tl.int64) * N
     c_offs = local_m[:, None] * N + offs_n[None, :]
     if EPILOGUE == 2:
         pre = tl.load(aux_ptr + c_tile + c_offs, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(pre, APPROX_TANH)
+        acc = acc * gelu_grad(pre, APPROX_TANH)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE == 1:
             if STORE_AUX:
                 tl.store(aux_ptr + c_tile + c_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-            acc = _gelu(acc, APPROX_TANH)
+            acc = gelu(acc, APPROX_TANH)
     tl.store(c_ptr + c_tile + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _linear_pool_kernel(
+def linear_pool_kernel(
     h_ptr,
     w_ptr,
     bias_ptr,
@@ -220,7 +149,7 @@ def _linear_pool_kernel(
     a_img = h_ptr + img.to(tl.int64) * G * G * stride_hm
     a_offs = p[:, None] * stride_hm + offs_k[None, :]
     b_offs = offs_k[:, None] + cols[None, :] * stride_wn
-    acc = _mainloop(a_img, a_offs, w_ptr, b_offs, K, 1, 64, BLOCK_N, BLOCK_K, TF32X3)
+    acc = mainloop(a_img, a_offs, w_ptr, b_offs, K, 1, 64, BLOCK_N, BLOCK_K, TF32X3)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -249,72 +178,6 @@ def _linear_pool_kernel(
         tl.store(tile_ptr + pid_t.to(tl.int64) * D + offs_n, s8, mask=n_mask)
 
 
-@triton.jit
-def _pool_kernel(
-    src_ptr,
-    dst_ptr,
-    D,
-    SRC_SIDE,
-    SRC_IMG_ROWS,
-    DST_IMG_ROWS,
-    K,
-    CELLS,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """One pyramid level: dst[img, cell] = mean of the K x K window of src[img] (a row-major SRC_SIDE^2 grid).
-
-    src/dst rows of image ``img`` start at ``img * SRC_IMG_ROWS`` / ``img * DST_IMG_ROWS``; both have row stride D.
-    """
-    blocks = tl.cdiv(CELLS, BLOCK_C)
-    img = tl.program_id(0) // blocks
-    cells = (tl.program_id(0) % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (cells[:, None] < CELLS) & (offs_d[None, :] < D)
-    side = SRC_SIDE // K
-    corner = (cells // side) * K * SRC_SIDE + (cells % side) * K
-    src = src_ptr + img.to(tl.int64) * SRC_IMG_ROWS * D
-    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
-    for w in range(0, K * K):
-        rows = corner + (w // K) * SRC_SIDE + w % K
-        acc += tl.load(src + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    acc = acc / (K * K).to(tl.float32)
-    dst = dst_ptr + img.to(tl.int64) * DST_IMG_ROWS * D + (cells[:, None] * D + offs_d[None, :])
-    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fold_kernel(
-    grad_ptr,
-    dst_ptr,
-    kernels_ptr,
-    offsets_ptr,
-    ROWS,
-    D,
-    G,
-    TOTAL,
-    NUM_SCALES,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """grad_y[img, p] = sum over scales of grad_out[img, off_s + cell_s(p)] / k_s^2: the pooling's adjoint."""
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < ROWS) & (offs_d[None, :] < D)
-    img = rows // (G * G)
-    p = rows % (G * G)
-    py = p // G
-    px = p % G
-    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    for s in range(0, NUM_SCALES):
-        k = tl.load(kernels_ptr + s)
-        off = tl.load(offsets_ptr + s)
-        src = img.to(tl.int64) * TOTAL + off + (py // k) * (G // k) + px // k
-        g = tl.load(grad_ptr + src[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += g * (1.0 / (k * k).to(tl.float32))
-    tl.store(dst_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :], acc.to(dst_ptr.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -340,9 +203,9 @@ def _gemm(
     c = torch.empty(m, n, device=a.device, dtype=a.dtype)
     if store_aux:
         aux = torch.empty_like(c)
-    block_m, block_n, block_k, warps, stages = _GEMM_CONFIG[a.dtype]
+    block_m, block_n, block_k, warps, stages = GEMM_CONFIG[a.dtype]
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _gemm_kernel[grid](
+    gemm_kernel[grid](
         a,
         b,
         c if bias is None else bias,
@@ -387,49 +250,13 @@ def fused_plan(spec: MatryoshkaScales) -> tuple[dict[int, int], tuple[tuple[int,
         return None
     in_tile, super_tile = {}, []
     for k, off in zip(spec.kernels, spec.offsets):
-        if k in _TILE_LEVELS:
+        if k in TILE_LEVELS:
             in_tile[k] = off
         elif k % TILE == 0:
             super_tile.append((k // TILE, off))
         else:
             return None
     return in_tile, tuple(super_tile)
-
-
-def _pyramid(src: torch.Tensor, out: torch.Tensor, grid: int, levels: tuple[tuple[int, int], ...]) -> None:
-    """Pool ``src [N, grid^2, D]`` into ``out [N, total, D]`` for each (kernel, output offset) in ``levels``.
-
-    Finest first; each level reads the coarsest level already written whose kernel divides its own, so a 27x27
-    grid's 81/9/1-token scales each average 3x3 windows of the level before, not 3x3, 9x9 and 27x27 of the grid.
-    """
-    n, _, d = src.shape
-    done: list[tuple[int, int]] = []  # (kernel, offset) of levels written to out
-    for k, off in sorted(levels):
-        base_k, base = max(((bk, out[:, bo:]) for bk, bo in done if k % bk == 0), default=(1, src), key=lambda t: t[0])
-        side = grid // base_k
-        cells = (grid // k) ** 2
-        _pool_kernel[(n * triton.cdiv(cells, _BLOCK_C), triton.cdiv(d, _BLOCK_D))](
-            base,
-            out[:, off:],
-            d,
-            side,
-            base.stride(0) // d,
-            out.shape[1],
-            k // base_k,
-            cells,
-            BLOCK_C=_BLOCK_C,
-            BLOCK_D=_BLOCK_D,
-        )
-        done.append((k, off))
-
-
-def pool(y: torch.Tensor, spec: MatryoshkaScales) -> torch.Tensor:
-    """Multi-scale pooling of ``y [N * grid^2, D]`` -> ``[N, spec.total, D]`` (general pyramid kernel)."""
-    d = y.shape[1]
-    y = y.view(-1, spec.tokens_per_image, d)
-    out = torch.empty(y.shape[0], spec.total, d, device=y.device, dtype=y.dtype)
-    _pyramid(y, out, spec.grid, tuple(zip(spec.kernels, spec.offsets)))
-    return out
 
 
 def linear_pool(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, spec: MatryoshkaScales) -> torch.Tensor:
@@ -443,8 +270,8 @@ def linear_pool(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, spec
     tiles = (spec.grid // TILE) ** 2
     out = torch.empty(n, spec.total, d, device=h.device, dtype=h.dtype)
     tile_means = torch.empty(n, tiles, d, device=h.device, dtype=torch.float32) if super_tile else out
-    block_n, block_k, warps, stages = _POOL_GEMM_CONFIG[h.dtype]
-    _linear_pool_kernel[(n * tiles, triton.cdiv(d, block_n))](
+    block_n, block_k, warps, stages = POOL_GEMM_CONFIG[h.dtype]
+    linear_pool_kernel[(n * tiles, triton.cdiv(d, block_n))](
         h,
         w2,
         out if b2 is None else b2,
@@ -456,7 +283,7 @@ def linear_pool(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, spec
         spec.total,
         h.stride(0),
         w2.stride(0),
-        *(in_tile.get(level, -1) for level in _TILE_LEVELS),
+        *(in_tile.get(level, -1) for level in TILE_LEVELS),
         HAS_BIAS=b2 is not None,
         STORE_TILES=bool(super_tile),
         TF32X3=_tf32x3(h.dtype),
@@ -466,130 +293,5 @@ def linear_pool(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, spec
         num_stages=stages,
     )
     if super_tile:  # second reduction: means of the tiles' 8x8 means
-        _pyramid(tile_means, out, spec.grid // TILE, super_tile)
+        pyramid(tile_means, out, spec.grid // TILE, super_tile)
     return out
-
-
-@functools.cache
-def _scale_arrays(spec: MatryoshkaScales, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    as_int32 = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    return as_int32(spec.kernels), as_int32(spec.offsets)
-
-
-def fold(grad_out: torch.Tensor, spec: MatryoshkaScales) -> torch.Tensor:
-    n, total, d = grad_out.shape
-    rows = n * spec.tokens_per_image
-    grad_y = torch.empty(rows, d, device=grad_out.device, dtype=grad_out.dtype)
-    kernels, offsets = _scale_arrays(spec, grad_out.device)
-    _fold_kernel[(triton.cdiv(rows, _BLOCK_P), triton.cdiv(d, _BLOCK_D))](
-        grad_out,
-        grad_y,
-        kernels,
-        offsets,
-        rows,
-        d,
-        spec.grid,
-        total,
-        len(spec.kernels),
-        BLOCK_P=_BLOCK_P,
-        BLOCK_D=_BLOCK_D,
-    )
-    return grad_y
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Every configuration the launchers above can choose, for the ahead-of-time GPU-readiness checks. ``aligned`` names
-# the integer arguments the JIT sees as multiples of 16 at LLaVA's sizes (it specialises them, with every pointer):
-# that build vectorises and pipelines its loads, so it is the one whose registers and shared memory matter.
-
-_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def aot_configs(arch: int) -> list[AotConfig]:
-    del arch  # the same launch configurations on every architecture
-    configs = []
-    for dtype, ty in _TL_TYPES.items():
-        ptr = "*" + ty
-        block_m, block_n, block_k, warps, stages = _GEMM_CONFIG[dtype]
-        gemm_blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-        gemm_sig = {name: ptr for name in ("a_ptr", "b_ptr", "bias_ptr", "c_ptr", "aux_ptr")}
-        gemm_sig |= {name: "i32" for name in ("M", "N", "K", "stride_am")}
-        precisions = (False, True) if dtype == torch.float32 else (False,)
-        # (name, epilogue, B is an nn.Linear weight, bias, store aux, tanh) for GEMM1, plain GEMM2, GEMM2 backward
-        variants = [
-            (f"linear_gelu{'_bias' * bias}{'_pre' * aux}{'_tanh' * tanh}", EPILOGUE_BIAS_GELU, True, bias, aux, tanh)
-            for bias in (False, True)
-            for aux in (False, True)
-            for tanh in (False, True)
-        ]
-        variants += [(f"linear{'_bias' * bias}", EPILOGUE_BIAS, True, bias, False, False) for bias in (False, True)]
-        variants += [(f"gelu_backward{'_tanh' * t}", EPILOGUE_GELU_GRAD, False, False, False, t) for t in (False, True)]
-        for name, epilogue, transposed, bias, aux, tanh in variants:
-            for tf32x3 in precisions:
-                unit_stride = {"stride_bk": 1} if transposed else {"stride_bn": 1}
-                configs.append(
-                    AotConfig(
-                        name=f"gemm:{name}:{ty}{':tf32x3' * tf32x3}",
-                        fn=_gemm_kernel,
-                        signature=gemm_sig | {"stride_bn" if transposed else "stride_bk": "i32"},
-                        constexprs=unit_stride
-                        | gemm_blocks
-                        | {"EPILOGUE": epilogue, "HAS_BIAS": bias, "STORE_AUX": aux, "APPROX_TANH": tanh}
-                        | {"TF32X3": tf32x3},
-                        num_warps=warps,
-                        num_stages=stages,
-                        is_gemm=True,
-                        aligned=(*gemm_sig, "stride_bn" if transposed else "stride_bk"),
-                    )
-                )
-        block_n, block_k, warps, stages = _POOL_GEMM_CONFIG[dtype]
-        for bias in (False, True):
-            for tiles in (False, True):
-                for tf32x3 in precisions:
-                    configs.append(
-                        AotConfig(
-                            name=f"linear_pool{'_bias' * bias}{'_tiles' * tiles}:{ty}{':tf32x3' * tf32x3}",
-                            fn=_linear_pool_kernel,
-                            signature={"h_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "tile_ptr": "*fp32"}
-                            | {n: "i32" for n in ("D", "K", "G", "TOTAL", "stride_hm", "stride_wn")}
-                            | {n: "i32" for n in ("OFF1", "OFF2", "OFF4", "OFF8")},
-                            constexprs={"HAS_BIAS": bias, "STORE_TILES": tiles, "TF32X3": tf32x3}
-                            | {"BLOCK_N": block_n, "BLOCK_K": block_k},
-                            num_warps=warps,
-                            num_stages=stages,
-                            is_gemm=True,
-                            aligned=(
-                                "h_ptr",
-                                "w_ptr",
-                                "bias_ptr",
-                                "out_ptr",
-                                "tile_ptr",
-                                "D",
-                                "K",
-                                "stride_hm",
-                                "stride_wn",
-                            ),
-                        )
-                    )
-        for src in {ptr, "*fp32"}:  # levels read the GEMM output / earlier levels, or the fused kernel's tile means
-            configs.append(
-                AotConfig(
-                    name=f"pyramid_level:{src[1:]}->{ty}",
-                    fn=_pool_kernel,
-                    signature={"src_ptr": src, "dst_ptr": ptr}
-                    | {n: "i32" for n in ("D", "SRC_SIDE", "SRC_IMG_ROWS", "DST_IMG_ROWS", "K", "CELLS")},
-                    constexprs={"BLOCK_C": _BLOCK_C, "BLOCK_D": _BLOCK_D},
-                    aligned=("src_ptr", "dst_ptr", "D"),
-                )
-            )
-        configs.append(
-            AotConfig(
-                name=f"fold:{ty}",
-                fn=_fold_kernel,
-                signature={"grad_ptr": ptr, "dst_ptr": ptr, "kernels_ptr": "*i32", "offsets_ptr": "*i32"}
-                | {n: "i32" for n in ("ROWS", "D", "G", "TOTAL", "NUM_SCALES")},
-                constexprs={"BLOCK_P": _BLOCK_P, "BLOCK_D": _BLOCK_D},
-                aligned=("grad_ptr", "dst_ptr", "kernels_ptr", "offsets_ptr", "ROWS", "D"),
-            )
-        )
-    return configs

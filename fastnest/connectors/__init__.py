@@ -1,0 +1,5 @@
+"""Connectors: drop-in replacements for an LMM's vision-to-language projector."""
+
+from .pooled import MatryoshkaProjector
+
+__all__ = ["MatryoshkaProjector"]
