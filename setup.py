@@ -22,7 +22,7 @@ ROOT = Path(__file__).parent.resolve()
 
 def read_version() -> str:
     # Parsed, not imported: importing fastnest needs torch, which the build environment does not have.
-    text = (ROOT / "fastnest" / "__init__.py").read_text()
+    text = (ROOT / "fastnest" / "version.py").read_text()
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
@@ -101,7 +101,7 @@ setup(
         "pillow",  # images of fastnest train/analyze and the report's plot
         "tqdm",
     ],
-    entry_points={"console_scripts": ["fastnest=fastnest.cli:main"]},
+    entry_points={"console_scripts": ["fastnest=fastnest.train.cli:main"]},
     extras_require={
         # flash-attn 2.1: bottom-right causal alignment; xformers 0.0.28: attention biases built on a device
         "gpu": ["flash-attn>=2.1", "xformers>=0.0.28"],

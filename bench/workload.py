@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 import fastnest
-from fastnest.tiny import tiny_llava
+from fastnest.hf.tiny import tiny_llava
 from tools.batches import IMG, make_batch
 from tools.m3_reference import released_m3_loss
 

@@ -1,27 +1,54 @@
-"""fastnest: Matryoshka multimodal training and inference in one packed pass."""
+"""fastnest: Matryoshka multimodal training and inference in one packed pass.
+
+The core (scales, layouts, the plan, packing, attention, the loss, connectors, ops) imports without
+transformers; the Hugging Face side (``fastnest.hf``: ``patch_llava``, ``patch``, ``unpatch``, ...) is
+imported on first use of one of its names.
+"""
 
 from .attention import VarlenInfo, varlen_attention
 from .connectors import MatryoshkaProjector
 from .constants import DEFAULT_SCALES, IGNORE_INDEX
-from .hf import PATCHES, MatryoshkaCausalLMOutput, patch, patch_llava, set_scale, unpatch
+from .layout import ImageLayout, pooled_grid
 from .ops.cross_entropy.function import fused_linear_cross_entropy
 from .ops.cross_entropy.naive import grouped_cross_entropy
 from .ops.pooling.naive import multiscale_pool
 from .ops.projector.function import matryoshka_project
-from .packing import MatryoshkaPlan, PackedSequences, pack_sequences, pad_packed, plan_matryoshka
+from .packing import PackedSequences, pack_sequences, pad_packed
+from .plan import MatryoshkaPlan, plan_matryoshka
 from .scales import MatryoshkaScales, allowed_scales
+from .step import StepOutput, packed_step
+from .version import __version__
 
-__version__ = "0.1.0"
+_HF_NAMES = (
+    "PATCHES",
+    "MatryoshkaCausalLMOutput",
+    "PatchState",
+    "patch",
+    "patch_llava",
+    "patch_state",
+    "set_scale",
+    "unpatch",
+)
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:  # importing fastnest.hf imports transformers: only when asked for
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fastnest' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SCALES",
+    "__version__",
     "IGNORE_INDEX",
-    "MatryoshkaCausalLMOutput",
+    "ImageLayout",
     "MatryoshkaPlan",
     "MatryoshkaProjector",
     "MatryoshkaScales",
-    "PATCHES",
     "PackedSequences",
+    "StepOutput",
     "VarlenInfo",
     "allowed_scales",
     "fused_linear_cross_entropy",
@@ -29,11 +56,10 @@ __all__ = [
     "matryoshka_project",
     "multiscale_pool",
     "pack_sequences",
+    "packed_step",
     "pad_packed",
-    "patch",
-    "patch_llava",
     "plan_matryoshka",
-    "set_scale",
-    "unpatch",
+    "pooled_grid",
     "varlen_attention",
+    *_HF_NAMES,
 ]

@@ -1,5 +1,7 @@
+"""``python -m fastnest`` = the ``fastnest`` command."""
+
 import sys
 
-from .cli import main
+from .train.cli import main
 
 sys.exit(main())

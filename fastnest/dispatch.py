@@ -1,6 +1,6 @@
 """The one resolver: which backend runs an op (a kernel op or the packed attention) for given tensors.
 
-It resolves names only; each op (fastnest/ops/*/function.py, fastnest/attention.py) maps the resolved name to
+It resolves names only; each op (fastnest/ops/*/function.py, fastnest/attention/varlen.py) maps the resolved name to
 its implementation. A named backend runs or a ValueError says why it cannot; nothing falls back silently.
 """
 

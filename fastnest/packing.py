@@ -1,4 +1,4 @@
-"""Packing variable-length sequences into one row, and the Matryoshka plan over (row, scale) sequences.
+"""Packing variable-length sequences into one row (the Matryoshka plan over them is in ``fastnest.plan``).
 
 Everything here works on plain tensors (no Hugging Face types), so other LMM code can build its packed
 batch with it. Index tensors are built on the CPU: the plan needs the placeholder layout on the host once
@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from .constants import IGNORE_INDEX
-from .scales import MatryoshkaScales
 
 
 @dataclass(frozen=True)
@@ -166,148 +165,6 @@ def pack_sequences(
         targets = torch.cat([targets, flat[cu[:-1].long()[pick]]])
         target_group = torch.cat([target_group, group_of[pick]])
     return PackedSequences(cu, seqlens, position_ids, source_index, logit_index, targets, target_group, **keys)
-
-
-@dataclass(frozen=True)
-class MatryoshkaPlan:
-    """How a padded multimodal batch becomes one packed sequence over every (row, scale).
-
-    The packed source is ``cat([text_embeds, visual.reshape(-1, D)])`` where ``text_embeds`` embeds
-    ``input_ids[text_mask]`` (row-major) and ``visual`` is ``[num_images, spec.total, D]`` (every scale of
-    every image, in ``spec.scales`` order). A row with images yields one sequence per scale (group = scale
-    index); a row without images yields ONE sequence in group ``-1``, which counts towards every scale.
-    With a shared prefix, a row's text before its first image is one more sequence (group ``-1``), packed
-    just before the row's scale sequences, which have it as their context and hold only what follows it.
-    ``sequence_row[i]`` is the batch row of packed sequence ``i``.
-    """
-
-    text_mask: torch.Tensor  # bool [B, L]
-    num_text: int
-    num_images: int
-    packed: PackedSequences
-    sequence_row: tuple[int, ...]
-
-
-def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """Maximal runs of equal values in a 1-D bool tensor, as (start, end, value)."""
-    if flags.numel() == 0:
-        return []
-    cuts = ((flags[1:] != flags[:-1]).nonzero().squeeze(1) + 1).tolist()
-    bounds = [0, *cuts, flags.numel()]
-    return [(a, b, bool(flags[a])) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _check_labels(labels: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> None:
-    labelled = labels != IGNORE_INDEX
-    for where, bad in (
-        ("padding (attention_mask == 0)", labelled & ~valid),
-        ("image placeholder", labelled & is_image),
-    ):
-        if bad.any():
-            row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"labels must be {IGNORE_INDEX} at {where} positions: found {int(bad.sum())} labelled, "
-                f"first at row {row}, column {col} (label {int(labels[row, col])}); set them to {IGNORE_INDEX}"
-            )
-
-
-def plan_matryoshka(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    *,
-    image_token_id: int,
-    spec: MatryoshkaScales,
-    num_images: int,
-    share_prefix: bool = True,
-) -> MatryoshkaPlan:
-    """Plan the packed all-scale batch for processor-style inputs.
-
-    ``input_ids [B, L]`` hold each image as ``spec.tokens_per_image`` placeholder tokens (adjacent images form
-    one run of a multiple of that length); padding (either side) is dropped via ``attention_mask``.
-    ``share_prefix`` (with two or more scales): a row's text before its first image is packed once, as the
-    context of every scale's sequence (see :class:`PackedSequences`); the result is the same.
-    """
-    ids = input_ids.detach().cpu()
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
-    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    if valid.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(valid.shape)} differs from input_ids shape {tuple(ids.shape)}")
-    holes = (valid[:, 1:].int() - valid[:, :-1].int() > 0).sum(1) > (~valid[:, 0]).int()
-    if holes.any():
-        raise ValueError(
-            f"attention_mask row {int(holes.nonzero()[0])} has padding between tokens; only left or right padding "
-            "is supported"
-        )
-    is_image = (ids == image_token_id) & valid
-    lab = None
-    if labels is not None:
-        lab = labels.detach().cpu().long()
-        if lab.shape != ids.shape:
-            raise ValueError(f"labels shape {tuple(lab.shape)} differs from input_ids shape {tuple(ids.shape)}")
-        _check_labels(lab, valid, is_image)
-    text_mask = valid & ~is_image
-    num_text = int(text_mask.sum())
-    text_pos = torch.full(ids.shape, -1, dtype=torch.long)
-    text_pos[text_mask] = torch.arange(num_text)
-
-    tpi, total = spec.tokens_per_image, spec.total
-    rows: list[tuple[int, list[tuple[torch.Tensor, int]]]] = []  # (row, [(columns of a run, images in it)])
-    image = 0
-    for b in range(ids.shape[0]):
-        cols = valid[b].nonzero().squeeze(1)
-        pieces = []
-        for start, end, img in _runs(is_image[b, cols]):
-            if img and (end - start) % tpi:
-                raise ValueError(
-                    f"row {b} has a run of {end - start} image placeholder tokens (id {image_token_id}) at column "
-                    f"{int(cols[start])}; each image must be exactly {tpi} placeholders ({spec.grid}x{spec.grid})"
-                )
-            pieces.append((cols[start:end], (end - start) // tpi if img else 0))
-        rows.append((b, pieces))
-        image += sum(n for _, n in pieces)
-    if image != num_images:
-        raise ValueError(
-            f"input_ids hold {image} image placeholder blocks of {tpi} tokens but {num_images} images were given"
-        )
-
-    share = share_prefix and len(spec.scales) > 1
-    sources, seq_labels, groups, contexts, seq_rows = [], [], [], [], []
-
-    def add(src: list[torch.Tensor], tgt: list, group: int, context: int, row: int) -> None:
-        sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
-        seq_labels.append(torch.cat(tgt) if lab is not None and tgt else torch.zeros(0, dtype=torch.long))
-        groups.append(group)
-        contexts.append(context)
-        seq_rows.append(row)
-
-    image = 0
-    for b, pieces in rows:
-        n_row_images = sum(n for _, n in pieces)
-        prefix = -1
-        if share and n_row_images and pieces[0][1] == 0:
-            # the text before the first image is the same at every scale: pack it once (group -1: its
-            # targets count towards every scale) as the context every scale's sequence continues
-            cols = pieces.pop(0)[0]
-            prefix = len(sources)
-            add([text_pos[b, cols]], [lab[b, cols] if lab is not None else None], -1, -1, b)
-        for k in range(len(spec.scales)) if n_row_images else (-1,):
-            src, tgt, img = [], [], image
-            for cols, n in pieces:
-                if n == 0:
-                    src.append(text_pos[b, cols])
-                    tgt.append(lab[b, cols] if lab is not None else None)
-                    continue
-                s, off = spec.scales[k], spec.offsets[k]
-                for _ in range(n):
-                    src.append(num_text + img * total + off + torch.arange(s))
-                    tgt.append(torch.full((s,), IGNORE_INDEX, dtype=torch.long))
-                    img += 1
-            add(src, tgt, k, prefix, b)
-        image += n_row_images
-    packed = pack_sequences(sources, seq_labels if lab is not None else None, groups, contexts)
-    return MatryoshkaPlan(text_mask, num_text, num_images, packed, tuple(seq_rows))
 
 
 def pad_packed(packed: PackedSequences, pad_index: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

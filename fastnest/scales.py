@@ -1,4 +1,8 @@
-"""Matryoshka scale sets: which visual-token counts a grid can be average-pooled to."""
+"""Matryoshka scale sets of a pooled grid: which visual-token counts it can be average-pooled to.
+
+Token counts are validated by the connector that produces them: a pooled square grid allows the counts whose
+kernel divides the grid (``MatryoshkaScales``); the plan and the layouts take any count a connector gives.
+"""
 
 from __future__ import annotations
 

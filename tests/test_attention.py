@@ -4,52 +4,22 @@ sdpa runs forward and backward on CPU, flex its forward on CPU; flash, xformers 
 (and the packages) and are skipped without them.
 """
 
-import math
-
 import pytest
 import torch
 
 from fastnest.attention import BACKENDS, VarlenInfo, varlen_attention
+from fastnest.attention.naive import reference_attention
 from fastnest.dispatch import check_backend, resolve_backend
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def reference_attention(q, k, v, seqlens, context=None, scale=None):
-    """Plain loops in float64: for each sequence and head, softmax(Q K^T * scale + mask) V.
-
-    Sequence i's queries are its own tokens; its keys are its context's tokens (when both have tokens) then
-    its own; query j of n sees key m of M iff m <= j + M - n. q [1, H, T, d], k/v [1, Hkv, T, d]; query head
-    h reads kv head h // (H // Hkv). Returns [1, T, H, d].
-    """
-    _, h, t, d = q.shape
-    hkv = k.shape[1]
-    assert h % hkv == 0
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    context = context or [-1] * len(seqlens)
-    q, k, v = q.double(), k.double(), v.double()
-    starts = [sum(seqlens[:i]) for i in range(len(seqlens))]
-    out = q.new_zeros(t, h, d)
-    for i, n in enumerate(seqlens):
-        own = list(range(starts[i], starts[i] + n))
-        c = context[i]
-        keys = (list(range(starts[c], starts[c] + seqlens[c])) if c >= 0 else []) + own
-        m = len(keys)
-        for head in range(h if n else 0):
-            kv = head // (h // hkv)
-            scores = q[0, head, own] @ k[0, kv, keys].T * scale
-            visible = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
-            scores = torch.where(visible, scores, float("-inf"))
-            p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-            out[own, head] = (p / p.sum(dim=-1, keepdim=True)) @ v[0, kv, keys]
-    return out.unsqueeze(0)
-
-
 def make_qkv(t, h, hkv, d, seed, dtype=torch.float32, device="cpu"):
+    """Tokens-major ``[T, H, d]`` query and ``[T, Hkv, d]`` key and value."""
     g = torch.Generator().manual_seed(seed)
     return tuple(
-        torch.randn(1, heads, t, d, generator=g, dtype=torch.float64).to(device, dtype) for heads in (h, hkv, hkv)
+        torch.randn(t, heads, d, generator=g, dtype=torch.float64).to(device, dtype) for heads in (h, hkv, hkv)
     )
 
 
@@ -99,7 +69,7 @@ def test_forward(backend, device, dtype, tol, seqlens, context, h, hkv):
     q, k, v = make_qkv(sum(seqlens), h, hkv, d, seed=sum(seqlens) + h, dtype=dtype, device=device)
     with torch.no_grad():
         out = varlen_attention(q, k, v, info_for(seqlens, context, backend, device))
-    assert out.shape == (1, sum(seqlens), h, d)
+    assert out.shape == (sum(seqlens), h, d)
     assert out.dtype == dtype and out.device.type == torch.device(device).type
     want = reference_attention(q.cpu(), k.cpu(), v.cpu(), seqlens, context)
     torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
@@ -115,7 +85,7 @@ def test_backward(backend, device, dtype, tol, seqlens, context, h, hkv):
     backend_or_skip(backend, device, dtype, backward=True)
     d, t = 16, sum(seqlens)
     q, k, v = make_qkv(t, h, hkv, d, seed=7 * t + hkv, dtype=dtype, device=device)
-    w = torch.randn(1, t, h, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = torch.randn(t, h, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     got = [x.clone().requires_grad_(True) for x in (q, k, v)]
     out = varlen_attention(*got, info_for(seqlens, context, backend, device), scale=0.3)
@@ -176,7 +146,7 @@ def test_causal_first_token_sees_only_itself(backend):
     with torch.no_grad():
         out = varlen_attention(q, k, v, info_for((3, 4, 2), backend=backend))
     for start in (0, 3, 7):
-        torch.testing.assert_close(out[0, start], v[0, :, start])
+        torch.testing.assert_close(out[start], v[start])
 
 
 def _run(q, k, v, seqlens, context, w):
@@ -194,7 +164,7 @@ def test_no_leakage_between_sequences(h, hkv, seqlens, context):
     context = context or [-1] * len(seqlens)
     t, d = sum(seqlens), 8
     q, k, v = make_qkv(t, h, hkv, d, seed=11)
-    w = torch.randn(1, t, h, d, generator=torch.Generator().manual_seed(4))
+    w = torch.randn(t, h, d, generator=torch.Generator().manual_seed(4))
     base_out, base_grads = _run(q, k, v, seqlens, context, w)
     bounds = torch.tensor((0, *seqlens)).cumsum(0).tolist()
     for i, n in enumerate(seqlens):
@@ -204,22 +174,22 @@ def test_no_leakage_between_sequences(h, hkv, seqlens, context):
         g = torch.Generator().manual_seed(100 + i)
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
         for x in (q2, k2, v2):
-            x[:, :, span] += 5 * torch.randn(x[:, :, span].shape, generator=g)
+            x[span] += 5 * torch.randn(x[span].shape, generator=g)
         out, grads = _run(q2, k2, v2, seqlens, context, w)
-        assert not torch.allclose(out[:, span], base_out[:, span], atol=1e-3)
+        assert not torch.allclose(out[span], base_out[span], atol=1e-3)
         for j, m in enumerate(seqlens):
             if j == i or m == 0:
                 continue
             other = slice(bounds[j], bounds[j + 1])
             if context[j] == i:  # j continues i: its outputs change
-                assert not torch.allclose(out[:, other], base_out[:, other], atol=1e-4)
+                assert not torch.allclose(out[other], base_out[other], atol=1e-4)
                 continue
-            torch.testing.assert_close(out[:, other], base_out[:, other], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out[other], base_out[other], rtol=1e-6, atol=1e-6)
             for name, a, b in zip("qkv", grads, base_grads):
                 if context[i] == j and name != "q":  # i reads j's keys and values: their gradients change
-                    assert not torch.allclose(a[:, :, other], b[:, :, other], atol=1e-4), name
+                    assert not torch.allclose(a[other], b[other], atol=1e-4), name
                 else:
-                    torch.testing.assert_close(a[:, :, other], b[:, :, other], rtol=1e-6, atol=1e-6, msg=name)
+                    torch.testing.assert_close(a[other], b[other], rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_empty_sequence_in_middle_matches_no_empty():
@@ -279,6 +249,6 @@ def test_error_shapes():
     with pytest.raises(ValueError, match="sum to 5 but query/key/value hold 6/6/6"):
         varlen_attention(q, k, v, info_for((2, 3)))
     with pytest.raises(ValueError, match="3 key/value heads"):
-        varlen_attention(q, k[:, :1].expand(1, 3, 6, 8), v[:, :1].expand(1, 3, 6, 8), info_for((6,)))
-    with pytest.raises(ValueError, match=r"\[1, heads, tokens, dim\]"):
-        varlen_attention(q[0], k, v, info_for((6,)))
+        varlen_attention(q, k[:, :1].expand(6, 3, 8), v[:, :1].expand(6, 3, 8), info_for((6,)))
+    with pytest.raises(ValueError, match=r"\[tokens, heads, dim\]"):
+        varlen_attention(q[None], k, v, info_for((6,)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastnest
-from fastnest.tiny import tiny_llava
+from fastnest.hf.tiny import tiny_llava
 from tools.batches import IMG, make_batch
 from tools.compare import assert_grads_match
 from tools.m3_reference import reference_greedy, released_m3_loss, scaled_rows
@@ -240,7 +240,7 @@ def test_repatch_reconfigures_and_unpatch_restores():
     assert fast.config.text_config._attn_implementation == "fastnest:sdpa"
     fastnest.unpatch(fast)
     assert fast.config.text_config._attn_implementation == "sdpa"
-    assert "forward" not in fast.__dict__ and not hasattr(fast, "_fastnest")
+    assert "forward" not in fast.__dict__ and not fastnest.hf.is_patched(fast)
     plain_ref, plain_fast = ref(**batch.inputs()), fast(**batch.inputs())
     torch.testing.assert_close(plain_fast.loss, plain_ref.loss)
     torch.testing.assert_close(plain_fast.logits, plain_ref.logits)
@@ -330,13 +330,13 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch, s
     )
     fast.lm_head.register_forward_hook(lambda m, args, out: calls["head"].append(args[0].shape))
     calls["loss"] = []
-    fused = fastnest.hf.llava.fused_linear_cross_entropy
+    fused = fastnest.hf.forward.fused_linear_cross_entropy
 
     def spy_loss(hidden, weight, *args, **kwargs):
         calls["loss"].append((hidden.shape, weight is fast.lm_head.weight))
         return fused(hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(fastnest.hf.llava, "fused_linear_cross_entropy", spy_loss)
+    monkeypatch.setattr(fastnest.hf.forward, "fused_linear_cross_entropy", spy_loss)
 
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -375,7 +375,7 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch, s
 
 def test_registry_dispatches_on_model_type():
     model = fastnest.patch(build(), scales=(1, 576))
-    assert model._fastnest.spec.scales == (1, 576)
+    assert fastnest.patch_state(model).spec.scales == (1, 576)
     assert fastnest.PATCHES["llava"] is fastnest.patch_llava
     with pytest.raises(ValueError, match=r"model_type 'llama'.*\['llava'\]"):
         fastnest.patch(model.model.language_model)
@@ -415,7 +415,7 @@ def test_error_attention_checked_when_patching():
     model = build()
     with pytest.raises(ValueError, match=r"attention 'flash3' is not one of \('auto', 'flash', 'xformers'"):
         fastnest.patch_llava(model, attention="flash3")
-    assert not hasattr(model, "_fastnest")  # nothing was patched
+    assert not fastnest.hf.is_patched(model)  # nothing was patched
     for backend, package in (("flash", "flash_attn"), ("xformers", "xformers")):
         if CUDA and importlib.util.find_spec(package) is not None:
             continue  # available here

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastnest
-from fastnest.tiny import tiny_llava
+from fastnest.hf.tiny import tiny_llava
 from tools.compare import assert_grads_match
 from tools.m3_reference import reference_greedy, released_m3_loss, scaled_rows
 

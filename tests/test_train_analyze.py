@@ -58,6 +58,26 @@ def test_packed_prefill_matches_each_scale_run_separately():
             assert torch.equal(out.targets[pick], lab[1:][where])
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_prefill_runs_the_patch_attention_backend(monkeypatch):
+    """The analysis shares the training step's packed pass: the backend the patch names runs it (flex runs its
+    forward on CPU), with the same logits as sdpa."""
+    import fastnest.attention.flex
+
+    processor = tiny_processor()
+    batch = _batch(processor)
+    base = tiny_model(processor, seed=1).eval()
+    sdpa = multiscale_logits(fastnest.patch_llava(copy.deepcopy(base), scales=TINY_SCALES), **batch.inputs)
+    calls = []
+    attend = fastnest.attention.flex.attend
+    monkeypatch.setattr(fastnest.attention.flex, "attend", lambda *a: calls.append(a[3].backend) or attend(*a))
+    flex = fastnest.patch_llava(copy.deepcopy(base), scales=TINY_SCALES, attention="flex")
+    out = multiscale_logits(flex, **batch.inputs)
+    assert calls and set(calls) == {"flex"}  # every layer's packed attention
+    torch.testing.assert_close(out.logits, sdpa.logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out.targets, sdpa.targets) and torch.equal(out.row, sdpa.row)
+
+
 def test_score_is_greedy_decoding_exact_match():
     processor = tiny_processor()
     torch.manual_seed(0)

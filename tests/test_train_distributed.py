@@ -116,16 +116,26 @@ def test_fsdp2_over_gloo_follows_the_one_process_trajectory_and_resumes(tmp_path
     ]
 
 
+# ``fastnest train`` whose save of step 4 stalls after the weights and trainer state are in the temporary
+# directory (before the rename), so that the test can kill it mid-save.
+SLOW_SAVE_DRIVER = """
+import sys, time
+from fastnest.train import checkpoint
+fsync_tree = checkpoint._fsync_tree
+def stalled(path):
+    if path.name.endswith("step-00000004"):
+        time.sleep(300)
+    fsync_tree(path)
+checkpoint._fsync_tree = stalled
+from fastnest.train.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
 def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_finishes(tmp_path, tiny_dir):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastnest.train", *_args(tiny_dir, run, 6, 2), "--save-every", "2"]
-    proc = subprocess.Popen(
-        cmd,
-        env=_env(**{checkpoint.SAVE_DELAY_ENV: "4:300"}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cmd = [sys.executable, "-c", SLOW_SAVE_DRIVER, *_args(tiny_dir, run, 6, 2), "--save-every", "2"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = run / "checkpoints" / ".tmp-step-00000004"
     try:
         deadline = time.monotonic() + 300

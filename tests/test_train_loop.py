@@ -10,8 +10,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import fastnest
-from fastnest.cli import main
 from fastnest.train import checkpoint
+from fastnest.train.cli import main
 from fastnest.train.trainer import TrainConfig, train
 from tests.train_helpers import TINY_SCALES, save_tiny_model, tiny_config
 
@@ -108,7 +108,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, tiny_dir):
 
 
 def test_freeze_defaults_to_the_vision_tower_only_for_the_built_in_model():
-    from fastnest.cli import train_parser
+    from fastnest.train.cli import train_parser
 
     assert TrainConfig().freeze == ("vision",) and TrainConfig(model="m").freeze == ()
     parse = train_parser().parse_args
@@ -178,7 +178,7 @@ def test_dummy_image_row_changes_neither_loss_nor_gradients():
     """Processes whose micro-batch has no image get a blank label-free image row, so that every process runs
     the tower (DDP/FSDP2 collectives); it must not change the loss or any gradient."""
     from fastnest.train.data_llava import Collator, Example
-    from fastnest.train.trainer import _with_dummy_image
+    from fastnest.train.trainer import with_dummy_row
     from tests.train_helpers import tiny_model, tiny_processor
 
     processor = tiny_processor()
@@ -190,7 +190,7 @@ def test_dummy_image_row_changes_neither_loss_nor_gradients():
         [Example(conv, [], "r0"), Example(conv[:1] + conv[1:], [], "r1")], BadSamples()
     )
     grads = []
-    for inputs in (batch.inputs, _with_dummy_image(batch.inputs, model.config, processor.tokenizer.image_token_id, 16)):
+    for inputs in (batch.inputs, with_dummy_row(batch.inputs, fastnest.patch_state(model).adapter.dummy_row(model))):
         model.zero_grad()
         out = model(**inputs, num_items_in_batch=4)
         out.loss.backward()
@@ -200,6 +200,6 @@ def test_dummy_image_row_changes_neither_loss_nor_gradients():
         grads[-1]["loss"] = out.loss.detach()
     tower = [p for n, p in model.named_parameters() if "vision_tower.embeddings.patch" in n]
     assert tower and all(p.grad is not None for p in tower)  # the dummy row reached the tower
-    assert "pixel_values" in _with_dummy_image(batch.inputs, model.config, processor.tokenizer.image_token_id, 16)
+    assert "pixel_values" in with_dummy_row(batch.inputs, fastnest.patch_state(model).adapter.dummy_row(model))
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import LlavaProcessor
 
-from fastnest.tiny import tiny_llava
+from fastnest.hf.tiny import tiny_llava
 from fastnest.train.model import save_run_model
 from fastnest.train.tiny_processor import CLIPImageProcessor, synthetic_processor
 

@@ -1,4 +1,5 @@
-"""Hugging Face model patching: a registry from ``config.model_type`` to its patch function."""
+"""Hugging Face models: one adapter per model family, the attention hook, patch/unpatch, and a registry from
+``config.model_type`` to the family's patch function."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from .llava import MatryoshkaCausalLMOutput, patch_llava, set_scale, unpatch
+from .adapter import ModelAdapter
+from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
+from .output import MatryoshkaCausalLMOutput
+from .state import PatchState, is_patched, patch_state
 
 PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava}
 
@@ -19,4 +23,17 @@ def patch(model: torch.nn.Module, **options) -> torch.nn.Module:
     return PATCHES[model_type](model, **options)
 
 
-__all__ = ["PATCHES", "MatryoshkaCausalLMOutput", "patch", "patch_llava", "set_scale", "unpatch"]
+__all__ = [
+    "LLAVA",
+    "PATCHES",
+    "LlavaAdapter",
+    "MatryoshkaCausalLMOutput",
+    "ModelAdapter",
+    "PatchState",
+    "is_patched",
+    "patch",
+    "patch_llava",
+    "patch_state",
+    "set_scale",
+    "unpatch",
+]

@@ -56,8 +56,9 @@ def register(inner: str) -> str:
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         info = kwargs.pop(VARLEN_KWARG, None)
-        if info is not None:
-            return varlen_attention(query, key, value, info, scale=scaling, dropout=dropout), None
+        if info is not None:  # HF's [1, heads, T, d] in, [1, T, heads, d] out; fastnest's is tokens-major
+            q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+            return varlen_attention(q, k, v, info, scale=scaling, dropout=dropout)[None], None
         fn = _inner_attention(inner, module)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

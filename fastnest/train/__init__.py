@@ -1,7 +1,9 @@
 """``fastnest train`` and ``fastnest analyze``: a minimal LLaVA trainer and the granularity analysis.
 
-data_synthetic (the built-in visual-question set), template (LLaVA v1, labels on assistant turns),
-data_llava (conversation-format files, bad-row policy, batching), model (build/load/save), trainer,
-checkpoint (atomic, exact resume), distributed (DDP/FSDP2), prefill (every scale's answer logits in one packed
-pass), analyze and report.
+cli (the command), config (the run's options), data_synthetic (the built-in visual-question set), template
+(LLaVA v1, labels on assistant turns), data_llava (conversation-format files, bad-row policy, batching, data
+order), model (build/load/save), trainer (the loop), optim (AdamW per part, schedule), progress (the live
+line), checkpoint (atomic, exact resume), distributed (DDP/FSDP2), prefill (every scale's answer logits in the
+training step's packed pass), analyze and report. The model is reached through its patch state and adapter
+(``fastnest.hf``).
 """

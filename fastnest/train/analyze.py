@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..hf.state import patch_state
 from .data_llava import BadSamples, Batch, Collator
 from .prefill import multiscale_logits
 from .template import SYSTEM_V1
@@ -41,7 +42,7 @@ def score_batch(model, batch: Batch) -> torch.Tensor:
     """bool ``[rows, scales]``: every labelled token of the row is the argmax at that scale."""
     inputs = {k: v.to(model.device) for k, v in batch.inputs.items()}
     out = multiscale_logits(model, **inputs)
-    num_scales = len(model._fastnest.spec.scales)
+    num_scales = len(patch_state(model).spec.scales)
     hit = (out.logits.argmax(-1) == out.targets).long()
     rows = out.row.long()
     # A text-only row's targets (scale index -1) are shared by every scale.
@@ -65,7 +66,7 @@ def evaluate(
     model, processor, examples, *, batch_size: int, max_length: int, system: str, bad: BadSamples, progress=None
 ) -> Scores:
     """Score every example of ``examples`` (``__len__`` + ``example(i, bad)``) at every configured scale."""
-    spec = model._fastnest.spec
+    spec = patch_state(model).spec
     collate = Collator(processor, spec.tokens_per_image, max_length, system)
     was_training = model.training
     model.eval()

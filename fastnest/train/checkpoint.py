@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,6 @@ CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.pt"
 PREFIX = "step-"
 TMP = ".tmp-"
-# Test hook, "STEP:SECONDS": while saving checkpoint STEP, sleep after the weights and trainer state are in
-# the temporary directory, so that a test can kill the process mid-save.
-SAVE_DELAY_ENV = "FASTNEST_TEST_SAVE_DELAY"
 
 
 def rng_state() -> dict:
@@ -103,9 +99,6 @@ def save(
             {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "progress": progress, "world": d.world},
             tmp / STATE,
         )
-        hook = os.environ.get(SAVE_DELAY_ENV, "")
-        if hook and int(hook.split(":")[0]) == step:
-            time.sleep(float(hook.split(":")[1]))
     d.barrier()
     torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
     d.barrier()

@@ -234,3 +234,21 @@ def count_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> int:
     labelled = (labels != IGNORE_INDEX) & attention_mask.bool()
     labelled[torch.arange(labels.shape[0]), first] = False
     return int(labelled.sum())
+
+
+class Order:
+    """Which example each global position reads: epoch-wise permutations (or the identity), fixed by the seed,
+    so the data position of a run is just the number of positions consumed."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[offset]

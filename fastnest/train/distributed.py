@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..hf.state import patch_state
+
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
@@ -37,13 +39,6 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
-
-    def broadcast_object(self, obj):
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def init(device: str = "auto") -> Dist:
@@ -83,7 +78,8 @@ def resolve_strategy(strategy: str, d: Dist) -> str:
 
 
 def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> torch.nn.Module:
-    """DDP, or FSDP2 with every decoder/encoder layer its own shard group plus the root."""
+    """DDP, or FSDP2 with every unit of the model's adapter (decoder and encoder layers) its own shard group,
+    plus the root."""
     if strategy == "none":
         return model
     if strategy == "ddp":
@@ -95,18 +91,10 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> 
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
-    for layers in _layer_lists(model):
-        for layer in layers:
-            fully_shard(layer, **kwargs)
+    for unit in patch_state(model).adapter.shard_units(model):
+        fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     return model
-
-
-def _layer_lists(model) -> list[torch.nn.ModuleList]:
-    lm = model.model.language_model
-    tower = model.model.vision_tower
-    encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
-    return [lm.layers] + ([encoder.layers] if encoder is not None else [])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

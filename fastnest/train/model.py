@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from .. import patch_llava
+from ..hf import patch_llava
+from ..hf.tiny import tiny_llava
 from ..scales import DEFAULT_SCALES
-from ..tiny import tiny_llava
 from .tiny_processor import PATCH_SIZE, synthetic_processor
 
 SETTINGS_FILE = "fastnest.json"

@@ -1,4 +1,8 @@
-"""The training loop: patched LLaVA, per-part learning rates, accumulation, DDP/FSDP2, checkpoints, analysis."""
+"""The training loop: a patched model, per-part learning rates, accumulation, DDP/FSDP2, checkpoints, analysis.
+
+The loop talks to the model through its patch state and adapter (``fastnest.hf``): parameter groups, freezing,
+shard units and the dummy row come from there; the step itself is the patched forward.
+"""
 
 from __future__ import annotations
 
@@ -10,174 +14,31 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import patch_llava
-from ..packing import IGNORE_INDEX
-from ..scales import DEFAULT_SCALES, MatryoshkaScales
-from . import checkpoint, distributed
-from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, SyntheticExamples, count_targets
+from ..constants import IGNORE_INDEX
+from ..hf import patch_llava, patch_state
+from ..scales import MatryoshkaScales
+from ..version import __version__
+from . import checkpoint, distributed, optim
+from .config import DEFAULT_STEPS, TrainConfig
+from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, Order, SyntheticExamples, count_targets
 from .data_synthetic import QUESTION_TYPES, TRAIN_DOT_SIZES
 from .model import default_model_and_processor, load_model_and_processor, save_run_model
-from .template import SYSTEM_V1
+from .progress import Progress
 
 log = logging.getLogger("fastnest.train")
-PARTS = ("vision", "projector", "lm")
 SYNTHETIC_EVAL_SEED = 1_000_003  # the evaluation split's images never appear in training (seed 0 + index)
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/default"
-    model: str | None = None  # Hugging Face LLaVA directory; None: the built-in tiny model
-    data: str | None = None  # LLaVA conversation JSON / JSONL; None: the built-in synthetic set
-    image_folder: str | None = None
-    eval_data: str | None = None
-    eval_image_folder: str | None = None
-    scales: tuple[int, ...] = DEFAULT_SCALES
-    steps: int | None = None  # default: 1 epoch of --data, or the built-in run's length
-    batch_size: int = 8  # per process and micro-batch
-    grad_accum: int = 1
-    lr: float = 2e-3
-    lr_vision: float | None = None
-    lr_projector: float | None = None
-    lr_lm: float | None = None
-    freeze: tuple[str, ...] | None = None  # None: ("vision",) for the built-in model, () with --model
-    weight_decay: float = 0.0
-    warmup_steps: int = 30
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    max_length: int = 2048
-    save_every: int = 0  # 0: only at the end
-    save_total_limit: int = 2
-    resume: str | None = None
-    seed: int = 0
-    on_bad_sample: str = "fail"
-    strategy: str = "auto"
-    device: str = "auto"
-    system: str = SYSTEM_V1
-    synthetic_turns: int = 4
-    eval_samples: int = 400
-    eval_batch_size: int = 16
-    analyze: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.scales = tuple(self.scales)
-        if self.freeze is None:
-            # The built-in tower stays at its random init: trained from scratch, its features of the colours that
-            # only the rare questions need collapsed onto the background colours' (LLaVA keeps CLIP frozen too).
-            self.freeze = ("vision",) if self.model is None else ()
-        self.freeze = tuple(self.freeze)
-        for part in self.freeze:
-            if part not in PARTS:
-                raise ValueError(f"--freeze {part!r}: parts are {PARTS}")
-        if len(self.freeze) == len(PARTS):
-            raise ValueError(f"--freeze {','.join(self.freeze)} leaves nothing to train")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps must be positive, got {self.steps}")
-        if self.data is None and self.image_folder is not None:
-            raise ValueError("--image-folder needs --data")
-
-
-DEFAULT_STEPS = 2000  # the built-in run: about 7 minutes on 2 CPU cores
-
-
-def _parts(model) -> dict[str, list[torch.nn.Parameter]]:
-    inner = model.model
-    groups = {
-        "vision": list(inner.vision_tower.parameters()),
-        "projector": list(inner.multi_modal_projector.parameters()),
-        "lm": list(inner.language_model.parameters()),
-    }
-    seen = {id(p) for ps in groups.values() for p in ps}
-    groups["lm"] += [p for p in model.lm_head.parameters() if id(p) not in seen]  # tied heads are counted once
-    return groups
-
-
-def _freeze_unread_vision(model) -> None:
-    """LLaVA reads the tower's ``vision_feature_layer`` output: later layers and the post-norm never get a
-    gradient (DDP would wait for them forever); freeze them."""
-    tower = model.model.vision_tower
-    encoder = getattr(tower, "encoder", None) or tower.vision_model.encoder
-    post = getattr(tower, "post_layernorm", None) or getattr(tower.vision_model, "post_layernorm", None)
-    layer = model.config.vision_feature_layer
-    deepest = max(i % (len(encoder.layers) + 1) for i in ([layer] if isinstance(layer, int) else layer))
-    for unread in [*encoder.layers[deepest:], post]:
-        if unread is not None:
-            unread.requires_grad_(False)
-
-
-def _freeze(model, parts: tuple[str, ...]) -> None:
-    for part, params in _parts(model).items():
-        if part in parts:
-            for p in params:
-                p.requires_grad_(False)
-
-
-def _optimizer(model, cfg: TrainConfig):
-    """AdamW with one parameter group per trainable part. Built after wrapping: FSDP2 replaces parameters."""
-    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "lm": cfg.lr_lm}
-    groups = []
-    for part, params in _parts(model).items():
-        trainable = [p for p in params if p.requires_grad]
-        if trainable:
-            groups.append({"params": trainable, "lr": lrs[part] if lrs[part] is not None else cfg.lr, "name": part})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-
-
-def _scheduler(optimizer, warmup: int, total: int):
-    """Linear warm-up, then cosine decay to zero at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class Order:
-    """Which example each global position reads: epoch-wise permutations (or the identity), fixed by the seed,
-    so the data position of a run is just the number of positions consumed."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self._epoch, self._perm = -1, None
-
-    def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if not self.shuffle:
-            return offset
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self._perm[offset]
-
-
-def _lm_tokens(inputs: dict, image_token_id: int, spec: MatryoshkaScales) -> int:
-    """Tokens of the packed language-model pass: text once per scale for rows with images, every scale's
-    visual tokens per image, text-only rows once."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    images = ((ids == image_token_id) & mask).sum(1) // spec.tokens_per_image
-    text = mask.sum(1) - images * spec.tokens_per_image
-    with_images = images > 0
-    per_row = torch.where(with_images, text * len(spec.scales) + images * spec.total, text)
-    return int(per_row.sum())
 
 
 def _settings(cfg: TrainConfig, spec: MatryoshkaScales) -> dict:
@@ -187,7 +48,7 @@ def _settings(cfg: TrainConfig, spec: MatryoshkaScales) -> dict:
         "template": "llava_v1",
         "system": cfg.system,
         "max_length": cfg.max_length,
-        "fastnest_version": __import__("fastnest").__version__,
+        "fastnest_version": __version__,
     }
 
 
@@ -208,26 +69,30 @@ def _eval_examples(cfg: TrainConfig, bad: BadSamples):
     return None
 
 
-class _Progress:
-    """A live line: step, loss per scale, tokens/s (tqdm when available and wanted)."""
+@dataclass
+class _Run:
+    """A run as the loop sees it, set up once by ``_setup``."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, scales) -> None:
-        self.scales, self.bar = scales, None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, loss: float, per_scale: list[float], tok_s: float) -> None:
-        if self.bar is None:
-            return
-        losses = " ".join(f"{s}:{v:.3f}" for s, v in zip(self.scales, per_scale))
-        self.bar.set_postfix_str(f"loss {loss:.3f} [{losses}] {tok_s / 1000:.1f}k tok/s", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    cfg: TrainConfig
+    d: distributed.Dist
+    strategy: str
+    run_dir: Path
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    processor: object
+    spec: MatryoshkaScales
+    examples: object
+    order: Order
+    collate: Collator
+    steps: int
+    world_batch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    bad_load: BadSamples  # bad rows found when the data was read (every process reads it; one reports)
+    bad: BadSamples = field(default_factory=lambda: BadSamples("fail"))  # bad rows found when used
+    start: int = 0
+    wall_before: float = 0.0  # training time before a resume
+    cpu_before: float = 0.0
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -235,22 +100,16 @@ def train(cfg: TrainConfig) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     d = distributed.init(cfg.device)
     try:
-        return _train(cfg, d, wall0, cpu0)
+        run = _setup(cfg, d)
+        train_wall0 = time.perf_counter()
+        _loop(run, train_wall0, cpu0)
+        return _finish(run, wall0, cpu0, time.perf_counter() - train_wall0)
     finally:
         distributed.shutdown(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> dict:
-    strategy = distributed.resolve_strategy(cfg.strategy, d)
-    resume_from = checkpoint.find(cfg.resume) if cfg.resume else None
-    run_dir = checkpoint.run_dir_of(resume_from) if resume_from is not None else Path(cfg.output_dir)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoint.remove_partial(run_dir):
-            log.warning("removed %s (left by a save that did not finish)", stale)
-    d.barrier()
-
-    _seed_everything(cfg.seed)
+def _load(cfg: TrainConfig, resume_from: Path | None):
+    """The model (patched with the run's scales) and processor to train."""
     if resume_from is not None:
         model, processor = load_model_and_processor(resume_from / "model")
     elif cfg.model is not None:
@@ -258,8 +117,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
     else:
         model, processor = default_model_and_processor(cfg.seed)
     patch_llava(model, scales=cfg.scales)
-    spec = model._fastnest.spec
-    _freeze_unread_vision(model)
+    return model, processor
+
+
+def _prepare(model, cfg: TrainConfig, d: distributed.Dist) -> None:
+    """Freeze what gets no gradient, move to the device, checkpointing, train mode."""
+    patch_state(model).adapter.freeze_unread_vision(model)
     model.to(d.device)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
@@ -268,156 +131,213 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
+
+def _setup(cfg: TrainConfig, d: distributed.Dist) -> _Run:
+    strategy = distributed.resolve_strategy(cfg.strategy, d)
+    resume_from = checkpoint.find(cfg.resume) if cfg.resume else None
+    run_dir = checkpoint.run_dir_of(resume_from) if resume_from is not None else Path(cfg.output_dir)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint.remove_partial(run_dir):
+            log.warning("removed %s (left by a save that did not finish)", stale)
+    d.barrier()
+    _seed_everything(cfg.seed)
+    model, processor = _load(cfg, resume_from)
+    state = patch_state(model)
+    _prepare(model, cfg, d)
     world_batch = cfg.batch_size * d.world * cfg.grad_accum
-    bad_load = BadSamples(cfg.on_bad_sample, quiet=not d.main)  # every process reads the file; one reports
-    bad = BadSamples(cfg.on_bad_sample)
-    provisional = cfg.steps or DEFAULT_STEPS
-    examples, shuffle = _examples(cfg, provisional * world_batch, bad_load)
+    bad_load = BadSamples(cfg.on_bad_sample, quiet=not d.main)
+    examples, shuffle = _examples(cfg, (cfg.steps or DEFAULT_STEPS) * world_batch, bad_load)
     if len(examples) == 0:
         raise ValueError(f"--data {cfg.data}: no usable rows")
     steps = cfg.steps or (DEFAULT_STEPS if cfg.data is None else math.ceil(len(examples) / world_batch))
-    order = Order(len(examples), shuffle, cfg.seed)
-    collate = Collator(processor, spec.tokens_per_image, cfg.max_length, cfg.system)
-    image_token_id = collate.image_token_id
-    if image_token_id != model.config.image_token_id:
+    collate = Collator(processor, state.spec.tokens_per_image, cfg.max_length, cfg.system)
+    if collate.image_token_id != state.adapter.image_token_id(model):
         raise ValueError(
-            f"the processor's image token has id {image_token_id} but the model's config.image_token_id is "
-            f"{model.config.image_token_id}; save the matching processor beside the model"
+            f"the processor's image token has id {collate.image_token_id} but the model's image token id is "
+            f"{state.adapter.image_token_id(model)}; save the matching processor beside the model"
         )
-
-    _freeze(model, cfg.freeze)
+    for part, params in state.adapter.parameter_groups(model).items():
+        if part in cfg.freeze:
+            for p in params:
+                p.requires_grad_(False)
     wrapped = distributed.wrap(model, strategy, d, cfg.bf16)
-    optimizer = _optimizer(model, cfg)
-    scheduler = _scheduler(optimizer, min(cfg.warmup_steps, steps), steps)
-    start, samples_seen, wall_before, cpu_before = 0, 0, 0.0, 0.0
+    opt = optim.optimizer(state.adapter.parameter_groups(model), cfg)
+    run = _Run(
+        cfg,
+        d,
+        strategy,
+        run_dir,
+        model,
+        wrapped,
+        processor,
+        state.spec,
+        examples,
+        Order(len(examples), shuffle, cfg.seed),
+        collate,
+        steps,
+        world_batch,
+        opt,
+        optim.scheduler(opt, min(cfg.warmup_steps, steps), steps),
+        bad_load,
+        BadSamples(cfg.on_bad_sample),
+    )
     if resume_from is not None:
-        progress = checkpoint.load_state(resume_from, optimizer, scheduler, strategy, wrapped, d)
-        start, samples_seen = progress["step"], progress["samples_seen"]
-        wall_before, cpu_before = progress.get("wall_s", 0.0), progress.get("cpu_s", 0.0)
-        bad.counts.update(progress.get("bad", {}))
-        if d.main:
-            log.info("resumed from %s at step %d", resume_from, start)
-    settings = _settings(cfg, spec)
-    metrics_path = run_dir / "metrics.jsonl"
+        _resume(run, resume_from)
     if d.main:
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(run_dir / "metrics.jsonl", run.start)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list) + "\n")
+    return run
 
+
+def _resume(run: _Run, resume_from: Path) -> None:
+    progress = checkpoint.load_state(resume_from, run.optimizer, run.scheduler, run.strategy, run.wrapped, run.d)
+    run.start = progress["step"]
+    run.wall_before, run.cpu_before = progress.get("wall_s", 0.0), progress.get("cpu_s", 0.0)
+    run.bad.counts.update(progress.get("bad", {}))
+    if run.d.main:
+        log.info("resumed from %s at step %d", resume_from, run.start)
+
+
+def _loop(run: _Run, train_wall0: float, cpu0: float) -> None:
+    cfg, d = run.cfg, run.d
     autocast = (
         torch.autocast(d.device.type, dtype=torch.bfloat16)
-        if cfg.bf16 and strategy != "fsdp"
+        if cfg.bf16 and run.strategy != "fsdp"
         else contextlib.nullcontext()
     )
-    bar = _Progress(cfg.progress and d.main, steps, start, spec.scales)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    train_wall0 = time.perf_counter()
-    for step in range(start, steps):
+    bar = Progress(cfg.progress and d.main, run.steps, run.start, run.spec.scales)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    for step in range(run.start, run.steps):
         t0 = time.perf_counter()
-        micro = []
-        for m in range(cfg.grad_accum):
-            first = step * world_batch + (m * d.world + d.rank) * cfg.batch_size
-            batch = collate([examples.example(order[p], bad) for p in range(first, first + cfg.batch_size)], bad)
-            micro.append(batch)
-        local_targets = sum(count_targets(b.inputs["labels"], b.inputs["attention_mask"]) for b in micro if b)
-        num_items = d.sum([local_targets])[0]
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        scale_sum = torch.zeros(len(spec.scales), dtype=torch.float64)
-        tokens = 0
-        for m, batch in enumerate(micro):
-            if num_items == 0:  # every row of the global batch was skipped: nothing to learn from
-                break
-            last = m == cfg.grad_accum - 1
-            inputs = batch.inputs if batch is not None else None
-            if inputs is None and not d.enabled:
-                continue
-            if d.enabled and (inputs is None or "pixel_values" not in inputs):
-                # Every process must run the same modules (DDP waits for every gradient, FSDP2 for every
-                # all-gather): a label-free dummy image row costs a little and changes no gradient.
-                inputs = _with_dummy_image(inputs, model.config, image_token_id, spec.tokens_per_image)
-            with _no_sync(wrapped, strategy, last):
-                inputs = {k: v.to(d.device) for k, v in inputs.items()}
-                with autocast:
-                    out = wrapped(**inputs, num_items_in_batch=num_items)
-                (out.loss * d.world).backward()
-            loss_sum += out.loss.detach().double().cpu()
-            scale_sum += out.scale_losses.double().cpu()
-            if batch is not None:
-                tokens += _lm_tokens(batch.inputs, image_token_id, spec)
-        if num_items == 0:
-            log.warning("step %d: every row of the global batch was skipped; no update", step + 1)
-        else:
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        reduced = d.sum([float(loss_sum), *scale_sum.tolist(), tokens])
-        loss, per_scale, tokens = reduced[0], reduced[1 : 1 + len(spec.scales)], int(reduced[-1])
-        samples_seen = (step + 1) * world_batch
+        loss, per_scale, tokens = _optimizer_step(run, step, autocast, trainable)
         dt = time.perf_counter() - t0
+        times = {
+            "wall_s": run.wall_before + time.perf_counter() - train_wall0,
+            "cpu_s": run.cpu_before + time.process_time() - cpu0,
+        }
         if d.main:
-            record = {
-                "step": step + 1,
-                "loss": loss,
-                "scale_losses": dict(zip(map(str, spec.scales), per_scale)),
-                "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                "lm_tokens": tokens,
-                "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                "step_s": dt,
-                "samples_seen": samples_seen,
-                "wall_s": wall_before + time.perf_counter() - train_wall0,
-                "cpu_s": cpu_before + time.process_time() - cpu0,
-            }
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_metrics(run, step + 1, loss, per_scale, tokens, dt, times)
         bar.update(loss, per_scale, tokens / dt if dt > 0 else 0.0)
         done = step + 1
-        if (cfg.save_every and done % cfg.save_every == 0) or done == steps:
-            progress = {
-                "step": done,
-                "samples_seen": samples_seen,
-                "wall_s": wall_before + time.perf_counter() - train_wall0,
-                "cpu_s": cpu_before + time.process_time() - cpu0,
-                "bad": dict(bad.counts),
-            }
-            checkpoint.save(
-                run_dir,
-                done,
-                model=wrapped,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                processor=processor,
-                settings=settings,
-                progress=progress,
-                strategy=strategy,
-                d=d,
-                keep=cfg.save_total_limit,
-            )
+        if (cfg.save_every and done % cfg.save_every == 0) or done == run.steps:
+            _save(run, done, times)
     bar.close()
 
-    bad_total = BadSamples("skip", quiet=True)
-    bad_total.counts.update(bad_load.counts)
-    for kind, n in zip(BAD_KINDS, d.sum([bad.counts[k] for k in BAD_KINDS])):
-        bad_total.counts[kind] += int(n)
-    bad_total.counts = +bad_total.counts  # drop zero counts
-    final = run_dir / "model"
-    latest = checkpoint.complete(run_dir)[-1] if checkpoint.complete(run_dir) else None
-    if d.main and latest is not None:
-        _replace_dir(latest / "model", final)
+
+def _micro_batches(run: _Run, step: int) -> list:
+    cfg, d = run.cfg, run.d
+    micro = []
+    for m in range(cfg.grad_accum):
+        first = step * run.world_batch + (m * d.world + d.rank) * cfg.batch_size
+        rows = [run.examples.example(run.order[p], run.bad) for p in range(first, first + cfg.batch_size)]
+        micro.append(run.collate(rows, run.bad))
+    return micro
+
+
+def _optimizer_step(run: _Run, step: int, autocast, trainable) -> tuple[float, list[float], int]:
+    """One optimizer step over the accumulated micro-batches; the loss, per-scale losses and language-model
+    tokens, summed over processes."""
+    cfg, d = run.cfg, run.d
+    micro = _micro_batches(run, step)
+    num_items = d.sum([sum(count_targets(b.inputs["labels"], b.inputs["attention_mask"]) for b in micro if b)])[0]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    scale_sum = torch.zeros(len(run.spec.scales), dtype=torch.float64)
+    tokens = 0
+    for m, batch in enumerate(micro if num_items else ()):  # no target in the whole global batch: no update
+        inputs = batch.inputs if batch is not None else None
+        if inputs is None and not d.enabled:
+            continue
+        if d.enabled and (inputs is None or "pixel_values" not in inputs):
+            # Every process must run the same modules (DDP waits for every gradient, FSDP2 for every
+            # all-gather): a label-free dummy image row costs a little and changes no gradient.
+            inputs = with_dummy_row(inputs, patch_state(run.model).adapter.dummy_row(run.model))
+        with _no_sync(run.wrapped, run.strategy, m == cfg.grad_accum - 1):
+            inputs = {k: v.to(d.device) for k, v in inputs.items()}
+            with autocast:
+                out = run.wrapped(**inputs, num_items_in_batch=num_items)
+            (out.loss * d.world).backward()
+        loss_sum += out.loss.detach().double().cpu()
+        scale_sum += out.scale_losses.double().cpu()
+        tokens += out.lm_tokens
+    if num_items == 0:
+        log.warning("step %d: every row of the global batch was skipped; no update", step + 1)
+    else:
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    reduced = d.sum([float(loss_sum), *scale_sum.tolist(), tokens])
+    return reduced[0], reduced[1 : 1 + len(run.spec.scales)], int(reduced[-1])
+
+
+def _append_metrics(
+    run: _Run, step: int, loss: float, per_scale: list[float], tokens: int, dt: float, times: dict
+) -> None:
+    record = {
+        "step": step,
+        "loss": loss,
+        "scale_losses": dict(zip(map(str, run.spec.scales), per_scale)),
+        "lr": {g["name"]: g["lr"] for g in run.optimizer.param_groups},
+        "lm_tokens": tokens,
+        "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+        "step_s": dt,
+        "samples_seen": step * run.world_batch,
+        **times,
+    }
+    with (run.run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _save(run: _Run, done: int, times: dict) -> None:
+    progress = {"step": done, "samples_seen": done * run.world_batch, **times, "bad": dict(run.bad.counts)}
+    checkpoint.save(
+        run.run_dir,
+        done,
+        model=run.wrapped,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        processor=run.processor,
+        settings=_settings(run.cfg, run.spec),
+        progress=progress,
+        strategy=run.strategy,
+        d=run.d,
+        keep=run.cfg.save_total_limit,
+    )
+
+
+def _bad_total(run: _Run) -> BadSamples:
+    """Bad rows of the whole run: found when reading (once) plus found when used (summed over processes)."""
+    total = BadSamples("skip", quiet=True)
+    total.counts.update(run.bad_load.counts)
+    for kind, n in zip(BAD_KINDS, run.d.sum([run.bad.counts[k] for k in BAD_KINDS])):
+        total.counts[kind] += int(n)
+    total.counts = +total.counts  # drop zero counts
+    return total
+
+
+def _finish(run: _Run, wall0: float, cpu0: float, train_wall: float) -> dict:
+    """The final model, the analysis and summary.json."""
+    cfg, d = run.cfg, run.d
+    bad_total = _bad_total(run)
+    final = run.run_dir / "model"
+    saved = checkpoint.complete(run.run_dir)
+    if d.main and saved:
+        _replace_dir(saved[-1] / "model", final)
     elif d.main:  # no step ran in this process (resumed at the end): keep what is there
-        save_run_model(model, processor, final, settings)
+        save_run_model(run.model, run.processor, final, _settings(cfg, run.spec))
     d.barrier()
-    train_wall = time.perf_counter() - train_wall0
     summary = {
-        "run_dir": str(run_dir),
-        "steps": steps,
-        "global_batch": world_batch,
+        "run_dir": str(run.run_dir),
+        "steps": run.steps,
+        "global_batch": run.world_batch,
         "processes": d.world,
-        "strategy": strategy,
-        "train_wall_s": wall_before + train_wall,
-        "train_cpu_s": cpu_before + time.process_time() - cpu0,
+        "strategy": run.strategy,
+        "train_wall_s": run.wall_before + train_wall,
+        "train_cpu_s": run.cpu_before + time.process_time() - cpu0,
         "bad_samples": dict(bad_total.counts),
         "bad_samples_total": bad_total.total,
     }
@@ -425,47 +345,42 @@ def _train(cfg: TrainConfig, d: distributed.Dist, wall0: float, cpu0: float) -> 
         log.info("%s", bad_total.summary())
         eval_examples = _eval_examples(cfg, BadSamples(cfg.on_bad_sample))
         if cfg.analyze and eval_examples is not None:
-            from . import analyze, report
-
-            result = analyze.analyze_model(
-                final,
-                eval_examples,
-                batch_size=cfg.eval_batch_size,
-                max_length=cfg.max_length,
-                bad=BadSamples(cfg.on_bad_sample),
-                type_order=QUESTION_TYPES,
-                device=d.device,
-            )
-            paths = report.write(result, run_dir, title=f"Granularity analysis of {run_dir}")
-            summary["report"] = {k: str(v) for k, v in paths.items()}
-            sys.stdout.write("\n" + report.markdown(result, title=f"Granularity analysis of {run_dir}") + "\n")
-        summary["total_wall_s"] = time.perf_counter() - wall0 + wall_before
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary["report"] = _analyze(run, final, eval_examples)
+        summary["total_wall_s"] = time.perf_counter() - wall0 + run.wall_before
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _with_dummy_image(inputs: dict | None, config, image_token_id: int, tokens_per_image: int) -> dict:
-    """``inputs`` plus one row holding a blank image and no labels (the batch's loss and gradients are unchanged)."""
-    size = config.vision_config.image_size
-    row = torch.tensor([image_token_id] * tokens_per_image + [0])
-    pixels = torch.zeros(1, 3, size, size)
+def _analyze(run: _Run, final: Path, eval_examples) -> dict:
+    from . import analyze, report
+
+    result = analyze.analyze_model(
+        final,
+        eval_examples,
+        batch_size=run.cfg.eval_batch_size,
+        max_length=run.cfg.max_length,
+        bad=BadSamples(run.cfg.on_bad_sample),
+        type_order=QUESTION_TYPES,
+        device=run.d.device,
+    )
+    title = f"Granularity analysis of {run.run_dir}"
+    paths = report.write(result, run.run_dir, title=title)
+    sys.stdout.write("\n" + report.markdown(result, title=title) + "\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def with_dummy_row(inputs: dict | None, dummy: dict[str, torch.Tensor]) -> dict:
+    """``inputs`` plus ``dummy`` (a label-free row with its own image, ``ModelAdapter.dummy_row``), padded on the
+    right to a common width; the batch's loss and gradients are unchanged."""
     if inputs is None:
-        return {
-            "input_ids": row[None],
-            "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-            "labels": torch.full((1, len(row)), IGNORE_INDEX),
-            "pixel_values": pixels,
-        }
-    width = max(inputs["input_ids"].shape[1], len(row))
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    return {
-        "input_ids": torch.cat([pad(inputs["input_ids"], 0), pad(row[None], 0)]),
-        "attention_mask": torch.cat(
-            [pad(inputs["attention_mask"], 0), pad(torch.ones(1, len(row), dtype=torch.long), 0)]
-        ),
-        "labels": torch.cat([pad(inputs["labels"], IGNORE_INDEX), torch.full((1, width), IGNORE_INDEX)]),
-        "pixel_values": pixels,
+        return dummy
+    width = max(inputs["input_ids"].shape[1], dummy["input_ids"].shape[1])
+    pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    merged = {
+        k: torch.cat([torch.nn.functional.pad(t[k], (0, width - t[k].shape[1]), value=v) for t in (inputs, dummy)])
+        for k, v in pad.items()
     }
+    return {**merged, "pixel_values": dummy["pixel_values"]}
 
 
 def _no_sync(model, strategy: str, last: bool):

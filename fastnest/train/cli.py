@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .scales import DEFAULT_SCALES
+from ..constants import DEFAULT_SCALES
 
 
 def _scales(text: str) -> tuple[int, ...]:
@@ -22,7 +22,7 @@ def _parts(text: str) -> tuple[str, ...]:
 
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from .train.trainer import DEFAULT_STEPS, TrainConfig
+    from .config import DEFAULT_STEPS, TrainConfig
 
     d = TrainConfig()
     p = parser or argparse.ArgumentParser(prog="fastnest train")
@@ -30,7 +30,13 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "Train a LLaVA model on every Matryoshka scale at once. Without --model/--data: a tiny LLaVA from scratch on "
         "the built-in synthetic visual-question set (about 7 minutes on 2 CPU cores), then the granularity analysis."
     )
-    g = p.add_argument_group("model and data")
+    _model_and_data_options(p.add_argument_group("model and data"), d)
+    _optimisation_options(p.add_argument_group("optimisation"), d, DEFAULT_STEPS)
+    _run_options(p.add_argument_group("checkpoints and processes"), d)
+    return p
+
+
+def _model_and_data_options(g, d) -> None:
     g.add_argument("--output-dir", default=d.output_dir, help="run directory (default: %(default)s)")
     g.add_argument("--model", help="Hugging Face LLaVA directory (default: the built-in tiny model, from scratch)")
     g.add_argument("--data", help="LLaVA conversation-format .json (array) or .jsonl (default: built-in synthetic)")
@@ -50,8 +56,10 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="questions per synthetic training image, one per type (1-4)",
     )
     g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="synthetic evaluation samples")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, help=f"optimizer steps (default: 1 epoch of --data; built-in: {DEFAULT_STEPS})")
+
+
+def _optimisation_options(o, d, default_steps: int) -> None:
+    o.add_argument("--steps", type=int, help=f"optimizer steps (default: 1 epoch of --data; built-in: {default_steps})")
     o.add_argument("--batch-size", type=int, default=d.batch_size, help="per process and micro-batch")
     o.add_argument("--grad-accum", type=int, default=d.grad_accum)
     o.add_argument("--lr", type=float, default=d.lr)
@@ -70,7 +78,9 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast (FSDP2: bf16 parameters, fp32 reduction)")
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=d.seed)
-    r = p.add_argument_group("checkpoints and processes")
+
+
+def _run_options(r, d) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
     r.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (0: all)")
     r.add_argument("--resume", help="checkpoint or run directory to resume exactly (newest checkpoint)")
@@ -84,7 +94,6 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     r.add_argument("--no-analyze", dest="analyze", action="store_false", help="skip the analysis at the end")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
-    return p
 
 
 def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -112,7 +121,7 @@ def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train.trainer import TrainConfig, train
+    from .trainer import TrainConfig, train
 
     train(TrainConfig(**vars(args)))
     return 0
@@ -123,11 +132,11 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .train import report
-    from .train.analyze import analyze_model
-    from .train.data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
-    from .train.data_synthetic import QUESTION_TYPES
-    from .train.trainer import SYNTHETIC_EVAL_SEED
+    from . import report
+    from .analyze import analyze_model
+    from .data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
+    from .data_synthetic import QUESTION_TYPES
+    from .trainer import SYNTHETIC_EVAL_SEED
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
@@ -161,7 +170,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .train.data_llava import BadSampleError
+    from .data_llava import BadSampleError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # weight loading/saving bars would break fastnest's own progress line

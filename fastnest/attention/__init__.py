@@ -1,0 +1,23 @@
+"""Variable-length causal attention over packed sequences: the single place attention backends plug into.
+
+Sequence ``i``'s queries are its own packed positions; its keys are those positions preceded by every token
+of its context (a shared prefix packed once, see :class:`fastnest.packing.PackedSequences`). The causal mask
+is aligned bottom-right: of a sequence with ``n`` queries and ``m`` keys, query ``j`` sees keys ``0 .. j+m-n``
+(all of the context, and its own tokens up to itself). Tensors are tokens-major, ``[T, heads, dim]``. Every
+backend computes this same function (``naive.py`` states it in plain loops):
+
+- ``"flash"``: FlashAttention's ``flash_attn_varlen_func`` (CUDA, fp16/bf16);
+- ``"xformers"``: xformers' memory-efficient attention with a block-diagonal causal bias (CUDA);
+- ``"flex"``: PyTorch FlexAttention with a document mask over the packed stream (forward anywhere,
+  backward on CUDA only);
+- ``"sdpa"``: one ``scaled_dot_product_attention`` per sequence (anywhere; the CPU default).
+
+Which backend runs is decided by ``fastnest.dispatch`` (op ``"attention"``).
+"""
+
+from ..dispatch import OPS
+from .varlen import VarlenInfo, varlen_attention
+
+BACKENDS = OPS["attention"]
+
+__all__ = ["BACKENDS", "VarlenInfo", "varlen_attention"]

@@ -1,0 +1,32 @@
+"""flash: FlashAttention's varlen kernel over ``[T, H, d]`` (CUDA, fp16/bf16; any token/head strides)."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import gather_keys, nonempty_offsets
+
+
+def prepare(info, device: torch.device):
+    cu_q, cu_k, _, _ = nonempty_offsets(info, device)
+    return cu_q, cu_k
+
+
+def attend(q, k, v, info, scale, dropout) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu_q, cu_k = info.prepared
+    k, v = gather_keys(k, v, info)
+    # flash's causal mask is bottom-right aligned when query and key lengths differ (flash-attn >= 2.1)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        info.max_seqlen_q,
+        info.max_seqlen_k,
+        dropout_p=dropout,
+        softmax_scale=scale,
+        causal=True,
+    )

@@ -1,0 +1,45 @@
+"""The plain reference of varlen attention: explicit per-sequence causal softmax attention in float64."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlens: Sequence[int],
+    context: Sequence[int] | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain loops in float64: for each sequence and head, softmax(Q K^T * scale + mask) V.
+
+    Sequence i's queries are its own tokens; its keys are its context's tokens (when both have tokens) then
+    its own; query j of n sees key m of M iff m <= j + M - n. ``q [T, H, d]``, ``k``/``v [T, Hkv, d]``; query
+    head h reads kv head h // (H // Hkv). Returns ``[T, H, d]`` (float64).
+    """
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    assert h % hkv == 0
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    context = list(context) if context is not None else [-1] * len(seqlens)
+    q, k, v = q.double(), k.double(), v.double()
+    starts = [sum(seqlens[:i]) for i in range(len(seqlens))]
+    out = q.new_zeros(t, h, d)
+    for i, n in enumerate(seqlens):
+        own = list(range(starts[i], starts[i] + n))
+        c = context[i]
+        keys = (list(range(starts[c], starts[c] + seqlens[c])) if c >= 0 else []) + own
+        m = len(keys)
+        for head in range(h if n else 0):
+            kv = head // (h // hkv)
+            scores = q[own, head] @ k[keys, kv].T * scale
+            visible = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+            scores = torch.where(visible, scores, float("-inf"))
+            p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+            out[own, head] = (p / p.sum(dim=-1, keepdim=True)) @ v[keys, kv]
+    return out

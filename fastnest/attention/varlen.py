@@ -1,0 +1,124 @@
+"""``VarlenInfo`` (the packing, built once per step) and ``varlen_attention`` (the one entry point)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..dispatch import OPS
+from ..packing import PackedSequences, cumulative_lengths, key_layout
+from . import flash, flex, sdpa, xformers
+
+# backend -> module with ``attend(q, k, v, info, scale, dropout)`` and, where it needs one, ``prepare(info, device)``
+_BACKENDS = {"flash": flash, "xformers": xformers, "flex": flex, "sdpa": sdpa}
+assert tuple(_BACKENDS) == OPS["attention"]
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenInfo:
+    """The packing, on the model's device, computed once per step and handed to every layer.
+
+    ``seqlens_q``/``seqlens_k`` and ``max_seqlen_*`` are host values (no per-layer synchronisation);
+    ``key_index`` (packed position of every key, None when the keys are the queries) gathers the keys of
+    sequences with a context; ``prepared`` is the backend's own per-step structure.
+    """
+
+    backend: str
+    seqlens_q: tuple[int, ...]
+    seqlens_k: tuple[int, ...]
+    context: tuple[int, ...]
+    cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [num_seqs + 1]
+    key_index: torch.Tensor | None  # int64 [sum(seqlens_k)]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    prepared: Any = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.seqlens_q)
+
+    @classmethod
+    def from_packed(
+        cls, packed: PackedSequences, device: torch.device | str | None = None, backend: str = "sdpa"
+    ) -> VarlenInfo:
+        return cls._build(
+            backend,
+            torch.device(device) if device is not None else packed.cu_seqlens.device,
+            packed.seqlens,
+            packed.seqlens_k,
+            packed.context,
+            packed.cu_seqlens,
+            packed.cu_seqlens_k,
+            packed.key_index,
+        )
+
+    @classmethod
+    def from_seqlens(
+        cls,
+        seqlens: Sequence[int],
+        context: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        backend: str = "sdpa",
+    ) -> VarlenInfo:
+        """Sequences laid end to end (``context[i]``: index of an earlier sequence it continues, or -1)."""
+        seqlens = tuple(int(n) for n in seqlens)
+        seqlens_k, cu_k, key_index = key_layout(seqlens, context)
+        ctx = tuple(context) if context is not None else (-1,) * len(seqlens)
+        cu_q = cumulative_lengths(seqlens)
+        return cls._build(backend, torch.device(device), seqlens, seqlens_k, ctx, cu_q, cu_k, key_index)
+
+    @classmethod
+    def _build(cls, backend, device, seqlens_q, seqlens_k, context, cu_q, cu_k, key_index) -> VarlenInfo:
+        if backend not in _BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {OPS['attention']}")
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        cu_q = move(cu_q)
+        info = cls(
+            backend=backend,
+            seqlens_q=tuple(seqlens_q),
+            seqlens_k=tuple(seqlens_k),
+            context=tuple(context),
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_q if key_index is None else move(cu_k),
+            key_index=None if key_index is None else move(key_index),
+            max_seqlen_q=max(seqlens_q, default=0),
+            max_seqlen_k=max(seqlens_k, default=0),
+        )
+        prepare = getattr(_BACKENDS[backend], "prepare", None)
+        return replace(info, prepared=prepare(info, device)) if prepare is not None and info.total else info
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    info: VarlenInfo,
+    *,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention inside each packed sequence (and its context), never across; ``info.backend`` runs it.
+
+    ``query [T, H, d]``, ``key``/``value [T, Hkv, d]`` (tokens-major; grouped-query when ``Hkv < H``; any
+    strides); returns ``[T, H, d]``.
+    """
+    if query.dim() != 3:
+        raise ValueError(f"query must be [tokens, heads, dim], got shape {tuple(query.shape)}")
+    total, heads, kv_heads = query.shape[0], query.shape[1], key.shape[1]
+    if info.total != total or key.shape[0] != total or value.shape[0] != total:
+        raise ValueError(
+            f"sequence lengths sum to {info.total} but query/key/value hold {total}/{key.shape[0]}/"
+            f"{value.shape[0]} tokens"
+        )
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
+    if total == 0:
+        return query
+    return _BACKENDS[info.backend].attend(query, key, value, info, scale, dropout)

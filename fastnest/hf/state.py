@@ -1,0 +1,53 @@
+"""The patch state a patched model carries, and the public accessor for it (nothing else reads the attribute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..scales import MatryoshkaScales
+
+if TYPE_CHECKING:
+    from .adapter import ModelAdapter
+
+_ATTRIBUTE = "_fastnest"
+
+
+@dataclass(frozen=True)
+class PatchState:
+    """How a model is patched: its family's adapter, the scales it trains on, the default inference scale,
+    and the backends of its packed pass."""
+
+    adapter: ModelAdapter
+    spec: MatryoshkaScales
+    scale: int  # default inference scale
+    attn_inner: str  # the model's own attention implementation (inference, generation)
+    backend: str | None  # kernels of fastnest's own ops (fastnest.dispatch); None: chosen per device
+    attention: str  # backend of the packed forward ("auto" or a name in fastnest.dispatch.OPS["attention"])
+    share_prefix: bool
+
+    def with_scale(self, scale: int) -> PatchState:
+        self.spec.index(scale)
+        return replace(self, scale=scale)
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, _ATTRIBUTE, None) is not None
+
+
+def patch_state(model: torch.nn.Module) -> PatchState:
+    """The state of a patched model (a DDP wrapper's inner model too); ValueError when it is not patched."""
+    state = getattr(getattr(model, "module", model), _ATTRIBUTE, None)
+    if state is None:
+        raise ValueError("model is not patched by fastnest; call fastnest.patch(model) or fastnest.patch_llava(model)")
+    return state
+
+
+def set_state(model: torch.nn.Module, state: PatchState | None) -> None:
+    """Attach (or, with None, remove) the patch state."""
+    if state is None:
+        model.__dict__.pop(_ATTRIBUTE, None)
+    else:
+        setattr(model, _ATTRIBUTE, state)

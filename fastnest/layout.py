@@ -1,0 +1,63 @@
+"""Per-image token layouts: how an image sits in ``input_ids`` and which rows form its tokens at each scale.
+
+A connector turns each image into a block of *rows* (its pooled grids, its query outputs, extra learned rows
+such as a newline). An :class:`ImageLayout` says how many placeholder tokens the image occupies in the
+caller's ``input_ids`` and, for every configured scale, which of the image's rows the language model sees, in
+order. The plan (``fastnest.plan``) needs nothing else, so images of different connectors, grids or crop counts
+pack side by side in one batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .scales import MatryoshkaScales
+
+
+@dataclass(frozen=True, eq=False)
+class ImageLayout:
+    """One image: ``placeholders`` tokens in ``input_ids``; ``rows`` rows in the visual source; ``tokens[k]``
+    (int64 indices into those rows) are its tokens at scale index ``k``."""
+
+    placeholders: int
+    rows: int
+    tokens: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if self.placeholders < 1:
+            raise ValueError(f"an image occupies at least one placeholder token, got placeholders={self.placeholders}")
+        if not self.tokens:
+            raise ValueError("an image layout needs the tokens of at least one scale")
+        for k, t in enumerate(self.tokens):
+            if t.dim() != 1 or t.dtype != torch.long:
+                raise ValueError(f"tokens[{k}] must be a 1-D int64 tensor, got {t.dtype} {tuple(t.shape)}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.rows):
+                raise ValueError(f"tokens[{k}] index rows outside [0, {self.rows})")
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.tokens)
+
+    def count(self, k: int) -> int:
+        """Tokens of the image at scale index ``k``."""
+        return int(self.tokens[k].numel())
+
+
+@functools.cache
+def pooled_grid(spec: MatryoshkaScales) -> ImageLayout:
+    """A pooled square grid (LLaVA-1.5): ``grid²`` placeholders; rows are every scale's pooled tokens in
+    ``spec.scales`` order (``matryoshka_project``'s output); scale ``k`` is its block, row-major."""
+    tokens = tuple(torch.arange(off, off + s) for s, off in zip(spec.scales, spec.offsets))
+    return ImageLayout(placeholders=spec.tokens_per_image, rows=spec.total, tokens=tokens)
+
+
+def check_layouts(layouts: Sequence[ImageLayout]) -> int:
+    """The number of scales all ``layouts`` share (0 for no image); ValueError when they differ."""
+    counts = {layout.num_scales for layout in layouts}
+    if len(counts) > 1:
+        raise ValueError(f"every image must have the same number of scales, got {sorted(counts)}")
+    return counts.pop() if counts else 0

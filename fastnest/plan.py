@@ -1,0 +1,242 @@
+"""The Matryoshka plan: a padded multimodal batch as one packed sequence over every (row, scale).
+
+Each image brings its own :class:`fastnest.layout.ImageLayout` (its placeholder count and its tokens per
+scale), so images of different grids, crop counts or connectors share a batch. Everything here works on plain
+tensors on the host (the attention backends want host-side lengths anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .constants import IGNORE_INDEX
+from .layout import ImageLayout, check_layouts, pooled_grid
+from .packing import PackedSequences, pack_sequences
+from .scales import MatryoshkaScales
+
+
+@dataclass(frozen=True)
+class MatryoshkaPlan:
+    """How a padded batch becomes one packed sequence over every (row, scale).
+
+    The packed source is ``cat([text_embeds, visual])``: ``text_embeds`` embeds ``input_ids[text_mask]``
+    (row-major) and ``visual`` stacks every image's rows (image ``i``'s ``layouts[i].rows`` rows, in image
+    order; ``visual_offsets[i]`` is where they start). A row with images yields one sequence per scale (group
+    = scale index); a row without images yields ONE sequence in group ``-1``, which counts towards every
+    scale. With a shared prefix, a row's text before its first image is one more sequence (group ``-1``),
+    packed just before the row's scale sequences, which have it as their context and hold only what follows
+    it. ``sequence_row[i]`` is the batch row of packed sequence ``i``.
+    """
+
+    text_mask: torch.Tensor  # bool [B, L]
+    num_text: int
+    num_images: int
+    num_scales: int
+    visual_offsets: tuple[int, ...]  # start of each image's rows within ``visual``
+    num_visual_rows: int
+    packed: PackedSequences
+    sequence_row: tuple[int, ...]
+
+    @property
+    def num_source_rows(self) -> int:
+        return self.num_text + self.num_visual_rows
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal values in a 1-D bool tensor, as (start, end, value)."""
+    if flags.numel() == 0:
+        return []
+    cuts = ((flags[1:] != flags[:-1]).nonzero().squeeze(1) + 1).tolist()
+    bounds = [0, *cuts, flags.numel()]
+    return [(a, b, bool(flags[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _check_labels(labels: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> None:
+    labelled = labels != IGNORE_INDEX
+    for where, bad in (
+        ("padding (attention_mask == 0)", labelled & ~valid),
+        ("image placeholder", labelled & is_image),
+    ):
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"labels must be {IGNORE_INDEX} at {where} positions: found {int(bad.sum())} labelled, "
+                f"first at row {row}, column {col} (label {int(labels[row, col])}); set them to {IGNORE_INDEX}"
+            )
+
+
+def _host_inputs(input_ids, attention_mask, labels, image_token_id):
+    """``(ids, valid, is_image, labels)`` on the host, checked: [B, L], left/right padding only, no labels at
+    padding or placeholders."""
+    ids = input_ids.detach().cpu()
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    if valid.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(valid.shape)} differs from input_ids shape {tuple(ids.shape)}")
+    holes = (valid[:, 1:].int() - valid[:, :-1].int() > 0).sum(1) > (~valid[:, 0]).int()
+    if holes.any():
+        raise ValueError(
+            f"attention_mask row {int(holes.nonzero()[0])} has padding between tokens; only left or right padding "
+            "is supported"
+        )
+    is_image = (ids == image_token_id) & valid
+    lab = None
+    if labels is not None:
+        lab = labels.detach().cpu().long()
+        if lab.shape != ids.shape:
+            raise ValueError(f"labels shape {tuple(lab.shape)} differs from input_ids shape {tuple(ids.shape)}")
+        _check_labels(lab, valid, is_image)
+    return ids, valid, is_image, lab
+
+
+def _count_error(have: int, layouts: Sequence[ImageLayout], unit: int | None) -> ValueError:
+    """The placeholders in ``input_ids`` are not those of the images given, in total."""
+    if unit is not None and have % unit == 0:
+        return ValueError(
+            f"input_ids hold {have // unit} image placeholder blocks of {unit} tokens but {len(layouts)} images "
+            "were given"
+        )
+    need = sum(layout.placeholders for layout in layouts)
+    return ValueError(f"input_ids hold {have} image placeholder tokens but the {len(layouts)} images given take {need}")
+
+
+def _split_run(run: tuple[int, int, int], layouts: Sequence[ImageLayout], first: int, token_id: int) -> list[int]:
+    """The images (indices into ``layouts``, from ``first`` on) that a run of placeholders holds:
+    ``run = (row, column, length)``; their placeholder counts must add up to its length exactly."""
+    b, col, length = run
+    images, left = [], length
+    while left > 0 and first + len(images) < len(layouts) and layouts[first + len(images)].placeholders <= left:
+        left -= layouts[first + len(images)].placeholders
+        images.append(first + len(images))
+    if left:
+        counts = [layouts[i].placeholders for i in range(first, min(first + len(images) + 1, len(layouts)))]
+        raise ValueError(
+            f"row {b} has a run of {length} image placeholder tokens (id {token_id}) at column {col} that does not "
+            f"split into whole images: the images from {first} on take {counts} placeholders"
+        )
+    return images
+
+
+def _row_pieces(ids, valid, is_image, layouts, token_id: int, unit: int | None):
+    """Per row: ``[(columns, images)]`` for each maximal run (``images`` empty for text).
+
+    ``unit``: the placeholder count every image has, when known: runs are checked against it first."""
+    runs = []
+    for b in range(ids.shape[0]):
+        cols = valid[b].nonzero().squeeze(1)
+        runs.append([(cols[start:end], img) for start, end, img in _runs(is_image[b, cols])])
+    for b, pieces in enumerate(runs):
+        for cols, img in pieces:
+            if img and unit is not None and cols.numel() % unit:
+                raise ValueError(
+                    f"row {b} has a run of {cols.numel()} image placeholder tokens (id {token_id}) at column "
+                    f"{int(cols[0])}; each image must be exactly {unit} placeholders"
+                )
+    have = int(is_image.sum())
+    if have != sum(layout.placeholders for layout in layouts):
+        raise _count_error(have, layouts, unit)
+    rows, image = [], 0
+    for b, pieces in enumerate(runs):
+        row = []
+        for cols, img in pieces:
+            images = _split_run((b, int(cols[0]), cols.numel()), layouts, image, token_id) if img else []
+            row.append((cols, images))
+            image += len(images)
+        rows.append(row)
+    return rows
+
+
+class _Sequences:
+    """The sequences of a plan as they are added: sources, labels, groups, contexts, rows."""
+
+    def __init__(self, labelled: bool) -> None:
+        self.labelled = labelled
+        self.sources, self.labels, self.groups, self.contexts, self.rows = [], [], [], [], []
+
+    def add(self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int) -> int:
+        self.sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
+        self.labels.append(torch.cat(tgt) if self.labelled and tgt else torch.zeros(0, dtype=torch.long))
+        self.groups.append(group)
+        self.contexts.append(context)
+        self.rows.append(row)
+        return len(self.sources) - 1
+
+
+def plan_matryoshka(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    image_token_id: int,
+    layouts: Sequence[ImageLayout] | None = None,
+    spec: MatryoshkaScales | None = None,
+    num_images: int | None = None,
+    share_prefix: bool = True,
+) -> MatryoshkaPlan:
+    """Plan the packed all-scale batch for processor-style inputs.
+
+    ``input_ids [B, L]`` hold image ``i`` as ``layouts[i].placeholders`` placeholder tokens (adjacent images
+    form one run; images are taken in order); padding (either side) is dropped via ``attention_mask``.
+    ``spec`` + ``num_images`` is shorthand for ``num_images`` pooled square grids
+    (``fastnest.layout.pooled_grid(spec)``). ``share_prefix`` (with two or more scales): a row's text before
+    its first image is packed once, as the context of every scale's sequence; the result is the same.
+    """
+    if layouts is None:
+        if spec is None or num_images is None:
+            raise ValueError("plan_matryoshka needs layouts=, or spec= and num_images=")
+        layouts = [pooled_grid(spec)] * num_images
+    layouts = list(layouts)
+    num_scales = check_layouts(layouts) or (len(spec.scales) if spec is not None else 1)
+    ids, valid, is_image, lab = _host_inputs(input_ids, attention_mask, labels, image_token_id)
+    text_mask = valid & ~is_image
+    num_text = int(text_mask.sum())
+    text_pos = torch.full(ids.shape, -1, dtype=torch.long)
+    text_pos[text_mask] = torch.arange(num_text)
+    sizes = {layout.placeholders for layout in layouts}
+    unit = spec.tokens_per_image if spec is not None else (sizes.pop() if len(sizes) == 1 else None)
+    rows = _row_pieces(ids, valid, is_image, layouts, image_token_id, unit)
+    offsets, acc = [], num_text
+    for layout in layouts:
+        offsets.append(acc)
+        acc += layout.rows
+    seqs = _Sequences(lab is not None)
+    share = share_prefix and num_scales > 1
+    for b, pieces in enumerate(rows):
+        _plan_row(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, share)
+    packed = pack_sequences(seqs.sources, seqs.labels if lab is not None else None, seqs.groups, seqs.contexts)
+    return MatryoshkaPlan(
+        text_mask=text_mask,
+        num_text=num_text,
+        num_images=len(layouts),
+        num_scales=num_scales,
+        visual_offsets=tuple(o - num_text for o in offsets),
+        num_visual_rows=acc - num_text,
+        packed=packed,
+        sequence_row=tuple(seqs.rows),
+    )
+
+
+def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, share: bool) -> None:
+    """Add row ``b``'s sequences: its shared prefix (if any), then one per scale (one in group -1 if text-only)."""
+    has_images = any(images for _, images in pieces)
+    prefix = -1
+    if share and has_images and not pieces[0][1]:
+        # the text before the first image is the same at every scale: pack it once (group -1: its targets
+        # count towards every scale) as the context every scale's sequence continues
+        cols = pieces.pop(0)[0]
+        prefix = seqs.add([text_pos[b, cols]], [lab[b, cols] if lab is not None else None], -1, -1, b)
+    for k in range(num_scales) if has_images else (-1,):
+        src, tgt = [], []
+        for cols, images in pieces:
+            if not images:
+                src.append(text_pos[b, cols])
+                tgt.append(lab[b, cols] if lab is not None else None)
+            for i in images:
+                tokens = layouts[i].tokens[k]
+                src.append(offsets[i] + tokens)
+                tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))
+        seqs.add(src, tgt, k, prefix, b)
