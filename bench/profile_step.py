@@ -1,10 +1,11 @@
 """Where the all-scale step spends its time: a torch.profiler breakdown per forward and backward.
 
 Run: ``python -m bench.profile_step [--steps 5] [--out FILE.md]`` (2 threads, the step benchmark's workload:
-hidden 256, 4 layers, vocab 32000, batch 4, text 40-400 tokens). Each CPU op's self time is put in one
-category: the ranges fastnest marks (``fastnest.plan``, ``fastnest.vision``, ``fastnest.connector``,
-``fastnest.loss``, and the loss's and connector's backward nodes) win; otherwise the op's name decides
-(GEMMs, attention kernels, copies and index traffic, the rest elementwise).
+hidden 256, 4 layers, vocab 32000, batch 4, text 40-400 tokens). Each CPU op's self time goes to a region,
+by the ranges fastnest marks in the forward (``fastnest.plan``, ``fastnest.vision``, ``fastnest.connector``,
+``fastnest.loss``; the rest is the language model) — a backward op to the region of the forward op it
+differentiates (autograd sequence numbers) — and, inside the language model and the loss, to a kind by the
+op's name (GEMMs, attention kernels, copies and index traffic, the rest elementwise).
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from torch.profiler import ProfilerActivity, profile
 import fastnest
 from bench.workload import SCALES, build_batch, build_model
 
-RANGES = {  # an enclosing range or autograd node -> its category
+REGIONS = {  # ranges fastnest marks in the forward -> region (a backward node belongs to its forward op's region)
     "fastnest.plan": "planning (host)",
     "fastnest.vision": "vision tower",
     "fastnest.connector": "connector (fused projector + pooling)",
-    "_ProjectPoolBackward": "connector (fused projector + pooling)",
-    "fastnest.loss": "loss (fused linear CE)",
-    "_FusedLinearCrossEntropyBackward": "loss (fused linear CE)",
+    "fastnest.loss": "loss",
 }
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::addmv")
 COPIES = (
@@ -35,32 +34,66 @@ COPIES = (
     "aten::zero_", "aten::zeros", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::split",
     "aten::narrow", "aten::slice_backward", "aten::new_zeros", "aten::empty", "aten::resize_",
 )  # fmt: skip
+LM = "language model"
 
 
-def category(event) -> str:
-    node = event
-    while node is not None:
-        for key, name in RANGES.items():
-            if key in node.name:
-                return name
-        node = node.cpu_parent
+def _ancestors(event):
+    while event is not None:
+        yield event
+        event = event.cpu_parent
+
+
+def forward_region(event) -> str:
+    for node in _ancestors(event):
+        if node.name in REGIONS:
+            return REGIONS[node.name]
+    return LM
+
+
+def kind(event) -> str:
     if event.name in GEMM:
-        return "GEMMs (language model)"
+        return "GEMMs"
     if "scaled_dot_product" in event.name or "flash_attention" in event.name:
         return "attention"
     if event.name in COPIES:
         return "copies, concatenations, index traffic"
-    return "elementwise and other (norms, SwiGLU, RoPE, residuals)"
+    return "elementwise and other"
 
 
-def shares(prof) -> dict[str, float]:
-    """Self CPU seconds per category (leaf work only: ranges' own self time is bookkeeping)."""
-    out = collections.Counter()
+def category(region: str, event) -> str:
+    if region == LM:
+        return f"{LM}: {kind(event)}"
+    if region == "loss":
+        return "loss: GEMMs" if kind(event) == "GEMMs" else "loss: CE kernel and the rest"
+    return region
+
+
+def _leaves(prof):
+    """Ops that do work (ranges' and the autograd engine's own self time is bookkeeping)."""
     for event in prof.events():
-        if event.name.startswith(("fastnest.", "autograd::engine")) or event.device_type.name != "CPU":
-            continue
-        out[category(event)] += event.self_cpu_time_total / 1e6
-    return dict(out)
+        if not event.name.startswith(("fastnest.", "autograd::engine")) and event.device_type.name == "CPU":
+            yield event
+
+
+def forward_shares(prof) -> tuple[collections.Counter, dict[int, str]]:
+    """Self CPU seconds per category, and the region of every autograd-recorded forward op by sequence number."""
+    out, regions = collections.Counter(), {}
+    for event in prof.events():
+        if event.sequence_nr >= 0:
+            regions[event.sequence_nr] = forward_region(event)
+    for event in _leaves(prof):
+        out[category(forward_region(event), event)] += event.self_cpu_time_total / 1e6
+    return out, regions
+
+
+def backward_shares(prof, regions: dict[int, str]) -> collections.Counter:
+    """Self CPU seconds per category; each backward op counts in the region of the forward op it differentiates."""
+    out = collections.Counter()
+    for event in _leaves(prof):
+        node = next((n for n in _ancestors(event) if n.name.startswith("autograd::engine::evaluate_function")), None)
+        region = regions.get(node.sequence_nr, LM) if node is not None else LM
+        out[category(region, event)] += event.self_cpu_time_total / 1e6
+    return out
 
 
 def measure(steps: int) -> dict:
@@ -79,13 +112,14 @@ def measure(steps: int) -> dict:
             t0 = time.perf_counter()
             loss = model(**inputs).loss
             walls["forward"] += time.perf_counter() - t0
-        phases["forward"].update(shares(prof))
+        shares, regions = forward_shares(prof)
+        phases["forward"].update(shares)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             loss.backward()
             walls["backward"] += time.perf_counter() - t0
-        phases["backward"].update(shares(prof))
-    return {"steps": steps, "walls": walls, "phases": phases, "loss": float(loss)}
+        phases["backward"].update(backward_shares(prof, regions))
+    return {"steps": steps, "walls": walls, "phases": phases, "loss": float(loss.detach())}
 
 
 def markdown(result: dict) -> str:

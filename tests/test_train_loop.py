@@ -203,3 +203,32 @@ def test_dummy_image_row_changes_neither_loss_nor_gradients():
     assert "pixel_values" in with_dummy_row(batch.inputs, fastnest.patch_state(model).adapter.dummy_row(model))
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_tokens_per_second_counts_the_tokens_the_packed_pass_ran(tmp_path, tiny_dir, monkeypatch):
+    """``lm_tokens`` (and so tokens/s) is what the shared-prefix packed pass runs: a row's text before its image
+    once, then per scale the rest of its text and the image's tokens at that scale."""
+    from fastnest.train.data_llava import Collator
+
+    batches = []
+    collate = Collator.__call__
+    monkeypatch.setattr(Collator, "__call__", lambda self, *a: batches.append(collate(self, *a)) or batches[-1])
+    run = tmp_path / "run"
+    train(_cfg(tmp_path, tiny_dir, steps=2, batch_size=3))
+    from tests.train_helpers import tiny_processor
+
+    image_id = tiny_processor().tokenizer.image_token_id
+    expected = []
+    for batch in batches:
+        tokens = 0
+        for ids, mask in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"]):
+            ids = ids[mask.bool()]
+            image = (ids == image_id).nonzero()
+            if not len(image):
+                tokens += len(ids)
+                continue
+            prefix, placeholders = int(image[0]), len(image)
+            rest = len(ids) - prefix - placeholders
+            tokens += prefix + sum(rest + placeholders // 16 * s for s in TINY_SCALES)
+        expected.append(tokens)
+    assert [r["lm_tokens"] for r in _losses(run)] == expected
