@@ -62,20 +62,28 @@ def _pop_vision_options(kwargs: dict) -> dict:
     return {k: kwargs.pop(k, None) for k in VISION_OPTIONS}
 
 
-def training_step(model, input_ids, attention_mask, pixel_values, labels, *, num_items=None, vision_options=None):
-    """The packed all-scale step of a patched model and its loss (``MatryoshkaCausalLMOutput``)."""
+def packed_pass(
+    model, input_ids, attention_mask, labels, pixel_values, *, share_prefix=None, vision_options=None
+) -> tuple[PatchState, StepOutput]:
+    """A patched model's packed multi-scale pass (``fastnest.step.packed_step``) with its patch's scales,
+    backends and (unless given) shared-prefix setting: the training step's and the analysis's."""
     state = patch_state(model)
-    bound = BoundModel(model, state, state.spec, vision_options)
     step = packed_step(
-        bound,
+        BoundModel(model, state, state.spec, vision_options),
         input_ids,
         attention_mask,
         labels,
         pixel_values,
         image_token_id=state.adapter.image_token_id(model),
         attention=state.attention,
-        share_prefix=state.share_prefix,
+        share_prefix=state.share_prefix if share_prefix is None else share_prefix,
     )
+    return state, step
+
+
+def training_step(model, input_ids, attention_mask, pixel_values, labels, *, num_items=None, vision_options=None):
+    """The packed all-scale step of a patched model and its loss (``MatryoshkaCausalLMOutput``)."""
+    state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, vision_options=vision_options)
     loss, per_scale = _answer_loss(state.adapter.lm_head(model), step, len(state.spec.scales), num_items, state)
     return MatryoshkaCausalLMOutput(loss=loss, scale_losses=per_scale.detach(), lm_tokens=step.lm_tokens)
 

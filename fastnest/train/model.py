@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ..hf import patch_llava
+from ..hf import patch
 from ..hf.tiny import tiny_llava
 from ..scales import DEFAULT_SCALES
 from .tiny_processor import PATCH_SIZE, synthetic_processor
@@ -71,7 +71,7 @@ def load_patched(path: str | Path, scales: tuple[int, ...] | None = None, dtype:
     """Load a run's model and processor and patch it with the saved (or given) scales."""
     model, processor = load_model_and_processor(path, dtype)
     chosen = tuple(scales or read_settings(path).get("scales") or DEFAULT_SCALES)
-    return patch_llava(model, scales=chosen), processor
+    return patch(model, scales=chosen), processor
 
 
 def save_run_model(model, processor, path: str | Path, settings: dict, state_dict: dict | None = None) -> None:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hf.forward import BoundModel
-from ..hf.state import patch_state
-from ..step import packed_step
+from ..hf.forward import packed_pass
 
 
 @dataclass(frozen=True)
@@ -31,17 +29,8 @@ class ScaleLogits:
 def multiscale_logits(model, input_ids, attention_mask, labels, pixel_values=None) -> ScaleLogits:
     """Logits of every scale at the labelled positions of a padded processor-style batch (one LM pass), with
     the patch's attention backend and kernels."""
-    state = patch_state(model)
-    step = packed_step(
-        BoundModel(model, state, state.spec),
-        input_ids,
-        attention_mask,
-        labels,
-        pixel_values,
-        image_token_id=state.adapter.image_token_id(model),
-        attention=state.attention,
-        share_prefix=False,  # one sequence per (row, scale): each scale's answer logits stand on their own
-    )
+    # one sequence per (row, scale): each scale's answer logits stand on their own
+    state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, share_prefix=False)
     packed = step.packed
     logits = state.adapter.lm_head(model)(step.hidden).float()
     sequence = torch.searchsorted(packed.cu_seqlens.long(), packed.logit_index, right=True) - 1

@@ -14,14 +14,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..hf import patch_llava, patch_state
+from ..hf import patch, patch_state
 from ..scales import MatryoshkaScales
 from ..version import __version__
 from . import checkpoint, distributed, optim
@@ -89,7 +89,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     bad_load: BadSamples  # bad rows found when the data was read (every process reads it; one reports)
-    bad: BadSamples = field(default_factory=lambda: BadSamples("fail"))  # bad rows found when used
+    bad: BadSamples  # bad rows found when used
     start: int = 0
     wall_before: float = 0.0  # training time before a resume
     cpu_before: float = 0.0
@@ -116,7 +116,7 @@ def _load(cfg: TrainConfig, resume_from: Path | None):
         model, processor = load_model_and_processor(cfg.model)
     else:
         model, processor = default_model_and_processor(cfg.seed)
-    patch_llava(model, scales=cfg.scales)
+    patch(model, scales=cfg.scales)
     return model, processor
 
 
