@@ -26,6 +26,8 @@ _HF_NAMES = (
     "patch",
     "patch_llava",
     "patch_state",
+    "processor_at_scale",
+    "scaled_inputs",
     "set_scale",
     "unpatch",
 )

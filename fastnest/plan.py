@@ -104,16 +104,16 @@ def _count_error(have: int, layouts: Sequence[ImageLayout], unit: int | None) ->
     return ValueError(f"input_ids hold {have} image placeholder tokens but the {len(layouts)} images given take {need}")
 
 
-def _split_run(run: tuple[int, int, int], layouts: Sequence[ImageLayout], first: int, token_id: int) -> list[int]:
-    """The images (indices into ``layouts``, from ``first`` on) that a run of placeholders holds:
+def _split_run(run: tuple[int, int, int], placeholders: Sequence[int], first: int, token_id: int) -> list[int]:
+    """The images (indices into ``placeholders``, from ``first`` on) that a run of placeholders holds:
     ``run = (row, column, length)``; their placeholder counts must add up to its length exactly."""
     b, col, length = run
     images, left = [], length
-    while left > 0 and first + len(images) < len(layouts) and layouts[first + len(images)].placeholders <= left:
-        left -= layouts[first + len(images)].placeholders
+    while left > 0 and first + len(images) < len(placeholders) and placeholders[first + len(images)] <= left:
+        left -= placeholders[first + len(images)]
         images.append(first + len(images))
     if left:
-        counts = [layouts[i].placeholders for i in range(first, min(first + len(images) + 1, len(layouts)))]
+        counts = list(placeholders[first : first + len(images) + 1])
         raise ValueError(
             f"row {b} has a run of {length} image placeholder tokens (id {token_id}) at column {col} that does not "
             f"split into whole images: the images from {first} on take {counts} placeholders"
@@ -139,11 +139,12 @@ def _row_pieces(ids, valid, is_image, layouts, token_id: int, unit: int | None):
     have = int(is_image.sum())
     if have != sum(layout.placeholders for layout in layouts):
         raise _count_error(have, layouts, unit)
+    placeholders = [layout.placeholders for layout in layouts]
     rows, image = [], 0
     for b, pieces in enumerate(runs):
         row = []
         for cols, img in pieces:
-            images = _split_run((b, int(cols[0]), cols.numel()), layouts, image, token_id) if img else []
+            images = _split_run((b, int(cols[0]), cols.numel()), placeholders, image, token_id) if img else []
             row.append((cols, images))
             image += len(images)
         rows.append(row)
@@ -240,3 +241,45 @@ def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_
                 src.append(offsets[i] + tokens)
                 tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))
         seqs.add(src, tgt, k, prefix, b)
+
+
+def scaled_columns(
+    valid: torch.Tensor,
+    is_image: torch.Tensor,
+    full: Sequence[int],
+    counts: Sequence[int],
+    *,
+    left: bool,
+    image_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The columns of a padded batch that remain when image ``i``'s run of ``full[i]`` placeholders is cut to
+    its first ``counts[i]`` (images in order): ``(index [B, W], attention_mask [B, W])`` with ``index`` -1 at
+    padding, rows padded on the left or the right. None when the batch already holds ``counts`` placeholders.
+    """
+    have = int(is_image.sum())
+    if have == sum(counts):
+        return None
+    if have != sum(full):
+        raise ValueError(
+            f"input_ids hold {have} image placeholder tokens: neither the {sum(full)} of the {len(full)} images at "
+            f"full scale nor the {sum(counts)} of the scales asked for"
+        )
+    rows, image = [], 0
+    for b in range(valid.shape[0]):
+        cols = valid[b].nonzero().squeeze(1)
+        keep = []
+        for start, end, img in _runs(is_image[b, cols]):
+            if not img:
+                keep.append(cols[start:end])
+                continue
+            pos = start
+            for i in _split_run((b, int(cols[start]), end - start), full, image, image_token_id):
+                keep.append(cols[pos : pos + counts[i]])
+                pos += full[i]
+                image += 1
+        rows.append(torch.cat(keep) if keep else cols[:0])
+    width = max((len(r) for r in rows), default=0)
+    index = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        index[b, width - len(r) if left else 0 :][: len(r)] = r
+    return index, (index >= 0).long()

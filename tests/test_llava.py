@@ -185,9 +185,10 @@ def test_inference_logits_and_generate_match_reference(scale):
     rows, _, _ = scaled_rows(ref, **batch.inputs(labels=False), labels=None, scale=scale)
     with torch.no_grad():
         out = fast(**batch.inputs(labels=False), scale=scale)
+        seen = fastnest.scaled_inputs(fast, **batch.inputs(labels=False), scale=scale)  # what the LM saw
         for b, emb in enumerate(rows):
             expected = ref.lm_head(ref.model.language_model(inputs_embeds=emb[None]).last_hidden_state)[0]
-            got = out.logits[b][out.attention_mask[b].bool()]
+            got = out.logits[b][seen["attention_mask"][b].bool()]
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         generated = fast.generate(**batch.inputs(labels=False), scale=scale, max_new_tokens=6, do_sample=False)
     width = batch.input_ids.shape[1]
@@ -237,9 +238,13 @@ def test_repatch_reconfigures_and_unpatch_restores():
     out = fast(**batch.inputs())
     assert out.scale_losses.shape == (2,)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    assert fast.config.text_config._attn_implementation == "fastnest:sdpa"
+    # the config keeps the user's implementation; the attention modules read fastnest's router
+    attention = fast.model.language_model.layers[0].self_attn
+    assert fast.config.text_config._attn_implementation == "sdpa"
+    assert attention.config._attn_implementation == "fastnest"
     fastnest.unpatch(fast)
     assert fast.config.text_config._attn_implementation == "sdpa"
+    assert attention.config is fast.config.text_config
     assert "forward" not in fast.__dict__ and not fastnest.hf.is_patched(fast)
     plain_ref, plain_fast = ref(**batch.inputs()), fast(**batch.inputs())
     torch.testing.assert_close(plain_fast.loss, plain_ref.loss)

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import torch
 
 from .adapter import ModelAdapter
+from .inference import scaled_inputs
 from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
 from .output import MatryoshkaCausalLMOutput
+from .processor import processor_at_scale
 from .state import PatchState, is_patched, patch_state
 
 PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava}
@@ -34,6 +36,8 @@ __all__ = [
     "patch",
     "patch_llava",
     "patch_state",
+    "processor_at_scale",
+    "scaled_inputs",
     "set_scale",
     "unpatch",
 ]

@@ -48,6 +48,16 @@ class ModelAdapter:
     ) -> Sequence[ImageLayout]:
         raise NotImplementedError
 
+    def multimodal(self, model: nn.Module) -> nn.Module:
+        """The module whose ``get_image_features`` the model's own forward calls (fastnest replaces it there)."""
+        raise NotImplementedError
+
+    def vision_outputs(
+        self, model: nn.Module, pixel_values: torch.Tensor, *options, **tower_options
+    ) -> tuple[object, torch.Tensor]:
+        """The tower's outputs, and ``[images, grid², Dv]``: its features as the connector reads them."""
+        raise NotImplementedError
+
     def vision_features(self, model: nn.Module, pixel_values: torch.Tensor, **options) -> torch.Tensor:
         """``[images, grid², Dv]``: the tower's features as the connector reads them."""
         raise NotImplementedError

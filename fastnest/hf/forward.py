@@ -1,7 +1,8 @@
-"""The patched ``forward`` and ``generate``: the packed all-scale training step, and inference at one scale.
+"""The patched ``forward`` and ``generate``: the packed all-scale training step, else inference at a scale.
 
-Both go through ``fastnest.step`` with a :class:`BoundModel` (the patched model, its adapter and the scale
-set of this call), so the trainer, the analysis and these methods share one packed pass.
+Training goes through ``fastnest.step`` with a :class:`BoundModel` (the patched model, its adapter and its
+scale set), so the trainer, the analysis and the patched forward share one packed pass. Inference is Hugging
+Face's own forward/generate at the shorter sequence (``fastnest.hf.inference``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import torch
 from torch.profiler import record_function
 
 from ..attention import VarlenInfo
+from ..constants import IGNORE_INDEX
 from ..ops.cross_entropy.function import fused_linear_cross_entropy
-from ..ops.cross_entropy.naive import grouped_cross_entropy
-from ..packing import pad_packed
 from ..scales import MatryoshkaScales
-from ..step import StepOutput, packed_step, plan_batch
+from ..step import StepOutput, packed_step
 from . import attention as hf_attention
+from . import inference
 from .output import MatryoshkaCausalLMOutput
 from .state import PatchState, patch_state
 
@@ -47,14 +48,7 @@ class BoundModel:
         return embed(input_ids.to(embed.weight.device))
 
     def language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo) -> torch.Tensor:
-        with hf_attention.packed_forward():
-            out = self.adapter.language_model(self.model)(
-                inputs_embeds=embeds[None],
-                position_ids=position_ids[None],
-                use_cache=False,
-                **{hf_attention.VARLEN_KWARG: info},
-            )
-        return out.last_hidden_state[0]
+        return hf_attention.packed_call(self.adapter.language_model(self.model), embeds, position_ids, info)
 
 
 def _pop_vision_options(kwargs: dict) -> dict:
@@ -109,118 +103,93 @@ def _answer_loss(head, step: StepOutput, num_scales: int, num_items, state: Patc
         )
 
 
-def _padding_left(attention_mask: torch.Tensor | None) -> bool:
-    if attention_mask is None:
-        return False
-    return not bool((attention_mask[:, -1] == 0).any()) and bool((attention_mask[:, 0] == 0).any())
+def _labels_from_shifted(labels, shift_labels):
+    """HF's ``shift_labels`` (position p predicts ``shift_labels[p]``) as ``labels`` (p predicts ``labels[p+1]``);
+    like Hugging Face's loss, ``shift_labels`` wins when both are given."""
+    if shift_labels is None:
+        return labels
+    if bool((shift_labels[:, -1] != IGNORE_INDEX).any()):
+        raise ValueError(
+            f"shift_labels has a target at the last position, which predicts past the sequence; set its last "
+            f"column to {IGNORE_INDEX}"
+        )
+    return torch.nn.functional.pad(shift_labels[:, :-1], (1, 0), value=IGNORE_INDEX)
 
 
-def _scaled_inputs(model, input_ids, attention_mask, pixel_values, labels, scale, left, vision_options):
-    """The batch as the language model sees it at ``scale``: padded embeddings, mask, ids and the plan."""
-    state = patch_state(model)
-    bound = BoundModel(model, state, state.spec.only(state.scale if scale is None else scale), vision_options)
-    token_id = state.adapter.image_token_id(model)
-    plan, source = plan_batch(
-        bound, input_ids, attention_mask, labels, pixel_values, image_token_id=token_id, share_prefix=False
-    )
-    index, mask, where = pad_packed(plan.packed, pad_index=source.shape[0] - 1, left=left)
-    # Token ids of that sequence (placeholders at pooled positions), for generate's bookkeeping; built where
-    # input_ids live, so a plain forward pays no device-to-host copy for it.
-    ids_device = input_ids.device
-    ids_source = torch.cat(
-        [
-            input_ids[plan.text_mask.to(ids_device)],
-            torch.full((plan.num_visual_rows,), token_id, device=ids_device),
-            torch.tensor([model.config.text_config.pad_token_id or 0], device=ids_device),
-        ]
-    )
-    device = source.device
-    return source[index.to(device)], mask.to(device), ids_source[index.to(ids_device)], plan, where
+def _check_training_inputs(model, scale, kwargs: dict) -> None:
+    for name in ("inputs_embeds", "past_key_values", "cache", "position_ids"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name} is not supported by the fastnest training step; pass input_ids and pixel_values")
+    if scale is not None:
+        raise ValueError(
+            f"scale={scale} is for inference; training always runs every scale {patch_state(model).spec.scales}"
+        )
 
 
-def patched_forward(
-    self,
-    input_ids=None,
-    pixel_values=None,
-    attention_mask=None,
-    labels=None,
-    scale: int | None = None,
-    num_items_in_batch=None,
-    **kwargs,
-):
+def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, scale=None, **kwargs):
+    own = type(self).forward
+    if inference.active(self):  # inside fastnest's own call: the inputs are at scale already
+        return own(
+            self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+    labels = _labels_from_shifted(labels, kwargs.pop("shift_labels", None))
     vision_options = _pop_vision_options(kwargs)
     if self.training and labels is not None:
-        for name in ("inputs_embeds", "past_key_values", "position_ids"):
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"{name} is not supported by the fastnest training step; pass input_ids and pixel_values"
-                )
-        if scale is not None:
-            raise ValueError(
-                f"scale={scale} is for inference; training always runs every scale {patch_state(self).spec.scales}"
-            )
+        _check_training_inputs(self, scale, kwargs)
         return training_step(
             self,
             input_ids,
             attention_mask,
             pixel_values,
             labels,
-            num_items=num_items_in_batch,
+            num_items=kwargs.pop("num_items_in_batch", None),
             vision_options=vision_options,
         )
-    if pixel_values is None:  # text-only or a decode step with a KV cache: nothing to pool
-        return _text_forward(self, input_ids, attention_mask, labels, scale, num_items_in_batch, vision_options, kwargs)
-    if input_ids is None or kwargs.get("position_ids") is not None:
-        raise ValueError("with pixel_values, fastnest needs input_ids and builds position_ids itself")
-    embeds, mask, _, plan, where = _scaled_inputs(
-        self, input_ids, attention_mask, pixel_values, labels, scale, _padding_left(attention_mask), vision_options
-    )
-    out = type(self).forward(self, inputs_embeds=embeds, attention_mask=mask, **kwargs)
-    loss = None
-    if labels is not None:
-        packed = plan.packed.to(embeds.device)
-        flat = out.logits.reshape(-1, out.logits.shape[-1])[where.to(embeds.device)[packed.logit_index]]
-        loss, _ = grouped_cross_entropy(flat, packed.targets, packed.target_group, 1, num_items_in_batch)
-    return MatryoshkaCausalLMOutput(
-        loss=loss,
-        logits=out.logits,
-        past_key_values=out.past_key_values,
-        hidden_states=out.hidden_states,
-        attentions=out.attentions,
-        attention_mask=mask,
-    )
+    options = {k: v for k, v in vision_options.items() if v is not None}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch["inputs_embeds"] = kwargs.pop("inputs_embeds", None)
+    if pixel_values is None:  # text only, or a decode step with a cache: nothing to pool
+        inference.image_scales(patch_state(self), scale, 0)
+        return own(self, **batch, **options, **kwargs)
+    scales = inference.image_scales(patch_state(self), scale, pixel_values.shape[0])
+    shrunk = inference.shrink(self, scales, pixel_values, batch, inference.left_padded(attention_mask))
+    if shrunk.get("attention_mask") is not attention_mask:
+        _follow_shortening(kwargs, shrunk)
+    with inference.calling(self, scales):
+        return own(self, **shrunk, pixel_values=pixel_values, **options, **kwargs)
 
 
-def _text_forward(model, input_ids, attention_mask, labels, scale, num_items, vision_options, kwargs):
-    if scale is not None:
-        patch_state(model).spec.index(scale)
-    extra = {**vision_options, "num_items_in_batch": num_items}
-    return type(model).forward(
-        model,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        **kwargs,
-        **{k: v for k, v in extra.items() if v is not None},
-    )
+def _follow_shortening(kwargs: dict, shrunk: dict) -> None:
+    """Positions the caller computed for the full-length sequence do not describe the shorter one."""
+    if kwargs.get("position_ids") is not None:
+        raise ValueError("position_ids describe the full-scale sequence; leave them to the model at a smaller scale")
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:
+        width = shrunk["attention_mask"].shape[1]
+        kwargs["cache_position"] = torch.arange(width, device=cache_position.device) + cache_position[0]
 
 
-def patched_generate(self, inputs=None, *args, scale: int | None = None, **kwargs):
-    cls_generate = type(self).generate
-    pixel_values = kwargs.pop("pixel_values", None)
+def patched_generate(self, inputs=None, *args, scale=None, **kwargs):
+    own = type(self).generate
+    if inference.active(self):
+        return own(self, inputs, *args, **kwargs)
+    pixel_values = kwargs.get("pixel_values")
     input_ids = kwargs.pop("input_ids", inputs)
     if pixel_values is None:
-        if scale is not None:
-            patch_state(self).spec.index(scale)
-        return cls_generate(self, input_ids, *args, **kwargs)
-    vision_options = _pop_vision_options(kwargs)
-    embeds, mask, ids, _, _ = _scaled_inputs(
-        self, input_ids, kwargs.pop("attention_mask", None), pixel_values, None, scale, True, vision_options
-    )
-    out = cls_generate(self, *args, input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
-    # Report the caller's prompt (one placeholder run per image at full scale), then the new tokens.
+        inference.image_scales(patch_state(self), scale, 0)
+        return own(self, input_ids, *args, **kwargs)
+    scales = inference.image_scales(patch_state(self), scale, pixel_values.shape[0])
+    batch = {"input_ids": input_ids, "attention_mask": kwargs.pop("attention_mask", None)}
+    batch["inputs_embeds"] = kwargs.pop("inputs_embeds", None)
+    shrunk = inference.shrink(self, scales, pixel_values, batch, left=True)
+    with inference.calling(self, scales):
+        out = own(self, *args, **{k: v for k, v in shrunk.items() if v is not None}, **kwargs)
+    if input_ids is None or shrunk["input_ids"] is input_ids:
+        return out
+    # Report the caller's prompt (every returned row: num_return_sequences, beams), then the new tokens.
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    full = torch.cat([input_ids, sequences[:, ids.shape[1] :]], dim=1)
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    full = torch.cat([prompt, sequences[:, shrunk["input_ids"].shape[1] :]], dim=1)
     if isinstance(out, torch.Tensor):
         return full
     out.sequences = full

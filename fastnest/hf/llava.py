@@ -17,7 +17,8 @@ from ..scales import MatryoshkaScales
 from . import attention as hf_attention
 from .adapter import ModelAdapter
 from .forward import patched_forward, patched_generate
-from .state import PatchState, is_patched, patch_state, set_state
+from .inference import image_features
+from .state import PatchState, patch_state, set_state
 
 # LLaVA's projector is linear_1 -> act -> linear_2: the fused projector kernels compute it when act is a GELU.
 register_projector(LlavaMultiModalProjector, lambda m: (m.linear_1, m.act, m.linear_2))
@@ -74,16 +75,26 @@ class LlavaAdapter(ModelAdapter):
         layer = model.config.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)
 
-    def vision_features(self, model, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None):
-        """The configured (or given) layer(s), CLS dropped by the 'default' strategy: ``[N, grid², Dv]``."""
+    def multimodal(self, model):
+        return model.model
+
+    def vision_outputs(
+        self, model, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **tower_options
+    ):
+        """The tower's outputs, and the configured (or given) layer(s) with CLS dropped by the 'default'
+        strategy: ``[N, grid², Dv]``."""
         config, tower = model.config, self.vision_tower(model)
         layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        out = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        tower_options["output_hidden_states"] = True
+        out = tower(pixel_values.to(tower.dtype), return_dict=True, **tower_options)
         feats = [out.hidden_states[i] for i in ([layer] if isinstance(layer, int) else list(layer))]
         if strategy == "default":
             feats = [f[:, 1:] for f in feats]
-        return torch.cat(feats, dim=-1)
+        return out, torch.cat(feats, dim=-1)
+
+    def vision_features(self, model, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None):
+        return self.vision_outputs(model, pixel_values, vision_feature_layer, vision_feature_select_strategy)[1]
 
     def dummy_row(self, model) -> dict[str, torch.Tensor]:
         vision = model.config.vision_config
@@ -129,11 +140,10 @@ def patch_llava(
         check_backend("projector", backend)
     spec = MatryoshkaScales(LLAVA.grid(model), scales)
     check_backend("attention", attention)
-    text_config = model.config.text_config
-    inner = patch_state(model).attn_inner if is_patched(model) else text_config._attn_implementation or "eager"
-    text_config._attn_implementation = hf_attention.register(inner)
-    state = PatchState(LLAVA, spec, max(spec.scales), inner, backend, attention, bool(share_prefix))
-    set_state(model, state)
+    set_state(model, PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix)))
+    hf_attention.route(LLAVA.language_model(model))
+    inner = LLAVA.multimodal(model)
+    inner.get_image_features = types.MethodType(image_features, inner)
     model.forward = _bind(model, patched_forward, type(model).forward)
     model.generate = _bind(model, patched_generate, type(model).generate)
     return model
@@ -153,8 +163,9 @@ def _bind(model, impl, original) -> types.MethodType:
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Restore plain Hugging Face behaviour."""
-    state = patch_state(model)
-    model.config.text_config._attn_implementation = state.attn_inner
+    adapter = patch_state(model).adapter
+    hf_attention.unroute(adapter.language_model(model))
+    adapter.multimodal(model).__dict__.pop("get_image_features", None)
     for name in ("forward", "generate"):
         model.__dict__.pop(name, None)
     set_state(model, None)

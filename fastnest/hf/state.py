@@ -23,7 +23,6 @@ class PatchState:
     adapter: ModelAdapter
     spec: MatryoshkaScales
     scale: int  # default inference scale
-    attn_inner: str  # the model's own attention implementation (inference, generation)
     backend: str | None  # kernels of fastnest's own ops (fastnest.dispatch); None: chosen per device
     attention: str  # backend of the packed forward ("auto" or a name in fastnest.dispatch.OPS["attention"])
     share_prefix: bool

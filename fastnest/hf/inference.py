@@ -1,0 +1,186 @@
+"""Inference at a chosen scale through Hugging Face's own code path.
+
+The patched ``forward`` / ``generate`` cut each image's placeholder run to its scale's token count (in
+``input_ids`` or ``inputs_embeds``, ``attention_mask`` and ``labels``; rows re-padded on the caller's side),
+then call the model's own ``forward`` / ``generate`` while a call context names each image's scale; the
+model's ``get_image_features`` (replaced on the instance) then returns each image's features pooled to it.
+Sampling, beam search, assisted decoding, caches, ``return_dict=False`` and every output option are thus
+Hugging Face's, at the shorter sequence. Inputs that already hold each image at its scale pass unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..constants import IGNORE_INDEX
+from ..plan import scaled_columns
+from .state import PatchState, patch_state
+
+
+@dataclass(frozen=True)
+class _Call:
+    model: nn.Module  # the patched model whose own forward/generate runs
+    scales: tuple[int, ...]  # per image, in batch order
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("fastnest_call", default=None)
+
+
+def active(model: nn.Module) -> bool:
+    """True inside this model's own forward/generate started by fastnest (its inputs are at scale)."""
+    call = _CALL.get()
+    return call is not None and call.model is model
+
+
+@contextlib.contextmanager
+def calling(model: nn.Module, scales: Sequence[int]) -> Iterator[None]:
+    token = _CALL.set(_Call(model, tuple(scales)))
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+def image_scales(state: PatchState, scale: int | Sequence[int] | None, num_images: int) -> list[int]:
+    """Each image's scale: ``scale`` (one for all, or one per image), else the enclosing fastnest call's (an
+    assistant model inside generate), else the default (``set_scale``)."""
+    if scale is None:
+        outer = _CALL.get()
+        if outer is not None and len(outer.scales) == num_images:
+            return list(outer.scales)
+        return [state.scale] * num_images
+    if isinstance(scale, int) and not isinstance(scale, bool):
+        state.spec.index(scale)
+        return [scale] * num_images
+    scales = list(scale) if isinstance(scale, Sequence) else None
+    if scales is None or len(scales) != num_images:
+        raise ValueError(
+            f"scale must be one int or a sequence of one scale per image ({num_images} images), got {scale!r}"
+        )
+    for s in scales:
+        state.spec.index(s)
+    return scales
+
+
+def _placeholders(model, input_ids, inputs_embeds, token_id: int) -> torch.Tensor:
+    """bool ``[B, L]``: image placeholders, found as Llava finds them (ids, else embeddings equal to the
+    image token's)."""
+    if input_ids is not None:
+        return input_ids == token_id
+    embed = model.get_input_embeddings()
+    token = embed(torch.tensor(token_id, device=embed.weight.device)).to(inputs_embeds.device, inputs_embeds.dtype)
+    return (inputs_embeds == token).all(-1)
+
+
+def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool) -> dict:
+    """``batch`` (``input_ids`` / ``inputs_embeds``, ``attention_mask``, ``labels``, optional) with each image's
+    placeholder run cut to its scale's count; unchanged when it already holds them."""
+    state = patch_state(model)
+    token_id = state.adapter.image_token_id(model)
+    ids, embeds = batch.get("input_ids"), batch.get("inputs_embeds")
+    if ids is None and embeds is None:
+        raise ValueError("with pixel_values, pass input_ids or inputs_embeds")
+    reference = ids if ids is not None else embeds[..., 0]
+    mask = batch.get("attention_mask")
+    valid = torch.ones_like(reference, dtype=torch.bool) if mask is None else mask.bool()
+    is_image = _placeholders(model, ids, embeds, token_id) & valid
+    layouts = state.adapter.image_layouts(model, state.spec, pixel_values)
+    full = [layout.placeholders for layout in layouts]
+    counts = [layout.count(state.spec.index(s)) for layout, s in zip(layouts, scales)]
+    cut = scaled_columns(valid.cpu(), is_image.cpu(), full, counts, left=left, image_token_id=token_id)
+    if cut is None:
+        return dict(batch)
+    index, new_mask = cut
+    pad_id = model.config.text_config.pad_token_id or 0
+    pads = {"input_ids": pad_id, "labels": IGNORE_INDEX, "inputs_embeds": 0.0}
+    out = {name: _take(t, index, pads[name]) for name, t in batch.items() if t is not None and name in pads}
+    out["attention_mask"] = new_mask.to(reference.device, mask.dtype if mask is not None else torch.long)
+    return out
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, pad) -> torch.Tensor:
+    """``t [B, L, ...]`` at ``index [B, W]`` (-1: ``pad``)."""
+    index = index.to(t.device)
+    shape = (*index.shape, *t.shape[2:])
+    picked = t.gather(1, index.clamp(min=0).view(*index.shape, *[1] * (t.dim() - 2)).expand(shape))
+    return picked.masked_fill((index < 0).view(*index.shape, *[1] * (t.dim() - 2)), pad)
+
+
+def image_features(
+    inner: nn.Module,
+    pixel_values: torch.Tensor,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    image_sizes=None,
+    **kwargs,
+):
+    """The patched model's ``get_image_features`` (bound on its multimodal module): inside a fastnest call,
+    each image's features pooled to its scale; elsewhere Hugging Face's own."""
+    call = _CALL.get()
+    own = type(inner).get_image_features
+    if call is None or patch_state(call.model).adapter.multimodal(call.model) is not inner:
+        return own(inner, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs)
+    if image_sizes is not None:
+        raise ValueError("image_sizes is not supported: fastnest pools fixed-size LLaVA grids")
+    model, state = call.model, patch_state(call.model)
+    scales = call.scales
+    if len(scales) != pixel_values.shape[0]:  # generate repeats each image for num_return_sequences / beams
+        repeat, rest = divmod(pixel_values.shape[0], len(scales))
+        if rest or not repeat:
+            raise ValueError(f"{pixel_values.shape[0]} images reached the model for {len(scales)} scales")
+        scales = [s for s in scales for _ in range(repeat)]
+    kwargs.pop("return_dict", None)
+    outputs, feats = state.adapter.vision_outputs(
+        model, pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs
+    )
+    pooled: list[torch.Tensor | None] = [None] * len(scales)
+    for s in dict.fromkeys(scales):
+        pick = [i for i, si in enumerate(scales) if si == s]
+        rows = state.adapter.connector_rows(model, feats[pick], state.spec.only(s), state.backend)
+        for j, i in enumerate(pick):
+            pooled[i] = rows[j]
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=pooled,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
+def scaled_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    scale: int | Sequence[int] | None = None,
+    padding_side: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The batch exactly as a patched model's forward hands it to Hugging Face at ``scale`` (one scale, or one
+    per image): each image's placeholder run cut to its scale's count, rows padded on ``padding_side``
+    ("left", "right"; default: as the caller padded). Returns the given tensors so shortened, with the new
+    ``attention_mask``; a batch already at scale comes back as given."""
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+    state = patch_state(model)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "inputs_embeds": inputs_embeds}
+    if pixel_values is None:
+        image_scales(state, scale, 0)
+        return {k: v for k, v in batch.items() if v is not None}
+    scales = image_scales(state, scale, pixel_values.shape[0])
+    left = padding_side == "left" if padding_side is not None else left_padded(attention_mask)
+    return {k: v for k, v in shrink(model, scales, pixel_values, batch, left).items() if v is not None}
+
+
+def left_padded(attention_mask: torch.Tensor | None) -> bool:
+    if attention_mask is None:
+        return False
+    return not bool((attention_mask[:, -1] == 0).any()) and bool((attention_mask[:, 0] == 0).any())
