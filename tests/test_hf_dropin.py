@@ -187,15 +187,25 @@ def test_shift_labels_equal_labels_in_training_and_eval():
     batch = make_batch(fast, ROWS)
     shifted = torch.nn.functional.pad(batch.labels[:, 1:], (0, 1), value=-100)
     inputs = batch.inputs(labels=False)
+    other = torch.where(batch.labels >= 0, (batch.labels + 1) % 90, batch.labels)  # targets the loss must ignore
     fast.train()
     train_labels = fast(**inputs, labels=batch.labels).loss
-    torch.testing.assert_close(fast(**inputs, shift_labels=shifted).loss, train_labels)
+    torch.testing.assert_close(fast(**inputs, labels=other, shift_labels=shifted).loss, train_labels)
     fast.eval()
     with torch.no_grad():
-        eval_labels = fast(**inputs, labels=batch.labels, scale=4).loss
-        torch.testing.assert_close(fast(**inputs, shift_labels=shifted, scale=4).loss, eval_labels)
+        for scale in (4, 16):
+            eval_labels = fast(**inputs, labels=batch.labels, scale=scale).loss
+            torch.testing.assert_close(
+                fast(**inputs, labels=other, shift_labels=shifted, scale=scale).loss, eval_labels
+            )
+    past_the_end = torch.nn.functional.pad(batch.labels[:, 1:], (0, 1), value=7)
+    with torch.no_grad():  # at full scale the batch is Hugging Face's as given, that target too
+        plain_loss = fast(**inputs, labels=batch.labels, shift_labels=past_the_end, scale=16).loss
+        assert torch.isfinite(plain_loss)
     with pytest.raises(ValueError, match="shift_labels has a target at the last position"):
-        fast(**inputs, shift_labels=torch.nn.functional.pad(batch.labels[:, 1:], (0, 1), value=7))
+        fast(**inputs, labels=batch.labels, shift_labels=past_the_end, scale=4)  # the shorter sequence
+    with pytest.raises(ValueError, match="shift_labels has a target at the last position"):
+        fast.train()(**inputs, labels=batch.labels, shift_labels=past_the_end)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

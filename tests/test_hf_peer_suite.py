@@ -89,7 +89,6 @@ def test_peer_suite_runs(suites):
     assert plain.count("passed") >= 50, f"plain suite: {plain.counts()}\n{plain.output[-4000:]}"
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: inference rewrite in progress")
 def test_nothing_fails_patched_that_passes_plain(suites):
     groups = _differences(suites["plain"].outcomes, suites["patched"].outcomes)
     report = _report(suites, groups)

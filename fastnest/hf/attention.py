@@ -1,21 +1,22 @@
 """Hugging Face attention hook: the packed language-model forward routes through fastnest.attention.
 
-Patching gives the language model's attention modules (not its configs) a view of the text config whose
-attention implementation is ``fastnest``: a registered function that runs fastnest's varlen attention when
-the call carries a ``fastnest_varlen`` kwarg (the packed training step) and otherwise calls the model's own
-implementation, read from the real config at call time. So ``config.text_config._attn_implementation`` stays
-what the user set, ``set_attn_implementation`` before or after patching is followed, and since the choice
-travels in the layer's kwargs (not in global state or a temporarily switched config),
-gradient-checkpointing recomputation in the backward pass routes the same way.
+Patching wraps the ``forward`` of the language model's attention modules (on the instance): a call that
+carries a ``fastnest_varlen`` kwarg (the packed training step) runs with the module's config seen through a
+view whose attention implementation is ``fastnest``, a registered function that runs fastnest's varlen
+attention; every other call runs untouched. The configs themselves never change, so
+``config.text_config._attn_implementation`` and every module's config read what the user set, and
+``set_attn_implementation`` before or after patching is followed. Since the choice travels with the call's
+kwargs, gradient-checkpointing recomputation in the backward pass routes the same way.
 """
 
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Callable
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import varlen_attention
@@ -25,8 +26,8 @@ VARLEN_KWARG = "fastnest_varlen"
 
 
 class RoutedConfig:
-    """The text config as the attention modules read it: every attribute is the real config's, except the
-    attention implementation, which is fastnest's router."""
+    """A config as an attention module reads it during a packed call: every attribute is the real config's,
+    except the attention implementation, which is fastnest's router."""
 
     __slots__ = ("config",)
 
@@ -45,9 +46,6 @@ class RoutedConfig:
     def __setattr__(self, name: str, value) -> None:
         setattr(self.config, name, value)
 
-    def __reduce__(self):  # copy / deepcopy / pickle rebuild the view over the (copied) real config
-        return RoutedConfig, (self.config,)
-
 
 def _inner_attention(inner: str, module: torch.nn.Module) -> Callable:
     try:
@@ -63,29 +61,49 @@ def _inner_attention(inner: str, module: torch.nn.Module) -> Callable:
 
 def _route(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     info = kwargs.pop(VARLEN_KWARG, None)
-    if info is not None:  # HF's [1, heads, T, d] in, [1, T, heads, d] out; fastnest's is tokens-major
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        return varlen_attention(q, k, v, info, scale=scaling, dropout=dropout)[None], None
-    fn = _inner_attention(module.config.config._attn_implementation, module)
-    return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if info is None:  # only packed calls see the router; any other reaches the real implementation
+        fn = _inner_attention(module.config.config._attn_implementation, module)
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    # HF's [1, heads, T, d] in, [1, T, heads, d] out; fastnest's is tokens-major
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    return varlen_attention(q, k, v, info, scale=scaling, dropout=dropout)[None], None
 
 
 AttentionInterface.register(ROUTED, _route)
 
 
-def route(language_model: torch.nn.Module) -> None:
-    """Give every submodule of ``language_model`` that reads its config (attention, MLP, ...) the routed view;
-    the decoder itself (a PreTrainedModel: mask creation, ``set_attn_implementation``) keeps the real one."""
+def _routed_forward(self, *args, **kwargs):
+    """An attention module's forward: a packed call runs with the routed view of its config."""
+    own = type(self).forward
+    if kwargs.get(VARLEN_KWARG) is None:
+        return own(self, *args, **kwargs)
+    config = self.config
+    self.config = RoutedConfig(config)
+    try:
+        return own(self, *args, **kwargs)
+    finally:
+        self.config = config
+
+
+def _attention_modules(language_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that call the attention interface: ``*Attention`` classes reading the decoder's config (the
+    naming Hugging Face's own tests rely on)."""
     config = language_model.config
-    for module in language_model.modules():
-        if not isinstance(module, PreTrainedModel) and getattr(module, "config", None) is config:
-            module.config = RoutedConfig(config)
+    return [
+        m
+        for m in language_model.modules()
+        if type(m).__name__.endswith("Attention") and getattr(m, "config", None) is config
+    ]
+
+
+def route(language_model: torch.nn.Module) -> None:
+    for module in _attention_modules(language_model):
+        module.forward = types.MethodType(_routed_forward, module)
 
 
 def unroute(language_model: torch.nn.Module) -> None:
-    for module in language_model.modules():
-        if isinstance(getattr(module, "config", None), RoutedConfig):
-            module.config = module.config.config
+    for module in _attention_modules(language_model):
+        module.__dict__.pop("forward", None)
 
 
 def packed_call(

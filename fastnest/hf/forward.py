@@ -104,8 +104,8 @@ def _answer_loss(head, step: StepOutput, num_scales: int, num_items, state: Patc
 
 
 def _labels_from_shifted(labels, shift_labels):
-    """HF's ``shift_labels`` (position p predicts ``shift_labels[p]``) as ``labels`` (p predicts ``labels[p+1]``);
-    like Hugging Face's loss, ``shift_labels`` wins when both are given."""
+    """HF's ``shift_labels`` (position p predicts ``shift_labels[p]``) as ``labels`` (p predicts ``labels[p+1]``).
+    As in Hugging Face, ``labels`` asks for a loss and ``shift_labels``, when given, are its targets."""
     if shift_labels is None:
         return labels
     if bool((shift_labels[:, -1] != IGNORE_INDEX).any()):
@@ -132,7 +132,6 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         return own(
             self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels, **kwargs
         )
-    labels = _labels_from_shifted(labels, kwargs.pop("shift_labels", None))
     vision_options = _pop_vision_options(kwargs)
     if self.training and labels is not None:
         _check_training_inputs(self, scale, kwargs)
@@ -141,7 +140,7 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
             input_ids,
             attention_mask,
             pixel_values,
-            labels,
+            _labels_from_shifted(labels, kwargs.pop("shift_labels", None)),
             num_items=kwargs.pop("num_items_in_batch", None),
             vision_options=vision_options,
         )
@@ -152,9 +151,15 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         inference.image_scales(patch_state(self), scale, 0)
         return own(self, **batch, **options, **kwargs)
     scales = inference.image_scales(patch_state(self), scale, pixel_values.shape[0])
-    shrunk = inference.shrink(self, scales, pixel_values, batch, inference.left_padded(attention_mask))
-    if shrunk.get("attention_mask") is not attention_mask:
+    left = inference.left_padded(attention_mask)
+    shrunk = inference.shrink(self, scales, pixel_values, {**batch, "labels": None}, left)
+    if shrunk.get("attention_mask") is not attention_mask:  # the sequence gets shorter
+        shift_labels = kwargs.pop("shift_labels", None)
+        batch["labels"] = None if labels is None else _labels_from_shifted(labels, shift_labels)
+        shrunk = inference.shrink(self, scales, pixel_values, batch, left)
         _follow_shortening(kwargs, shrunk)
+    else:  # at full scale everything, shift_labels too, is Hugging Face's as given
+        shrunk["labels"] = labels
     with inference.calling(self, scales):
         return own(self, **shrunk, pixel_values=pixel_values, **options, **kwargs)
 

@@ -98,11 +98,26 @@ def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict
     if cut is None:
         return dict(batch)
     index, new_mask = cut
+    _check_cut_labels(batch.get("labels"), valid, is_image)
     pad_id = model.config.text_config.pad_token_id or 0
     pads = {"input_ids": pad_id, "labels": IGNORE_INDEX, "inputs_embeds": 0.0}
     out = {name: _take(t, index, pads[name]) for name, t in batch.items() if t is not None and name in pads}
     out["attention_mask"] = new_mask.to(reference.device, mask.dtype if mask is not None else torch.long)
     return out
+
+
+def _check_cut_labels(labels: torch.Tensor | None, valid: torch.Tensor, is_image: torch.Tensor) -> None:
+    """A label on a placeholder or on padding would be dropped with it when the sequence is cut."""
+    if labels is None:
+        return
+    for where, bad in (("padding (attention_mask == 0)", ~valid), ("image placeholder", is_image)):
+        hit = (labels != IGNORE_INDEX) & bad.to(labels.device)
+        if bool(hit.any()):
+            row, col = (int(i) for i in hit.nonzero()[0])
+            raise ValueError(
+                f"labels must be {IGNORE_INDEX} at {where} positions to evaluate at a smaller scale: found "
+                f"{int(hit.sum())} labelled, first at row {row}, column {col}; set them to {IGNORE_INDEX}"
+            )
 
 
 def _take(t: torch.Tensor, index: torch.Tensor, pad) -> torch.Tensor:
@@ -126,7 +141,14 @@ def image_features(
     call = _CALL.get()
     own = type(inner).get_image_features
     if call is None or patch_state(call.model).adapter.multimodal(call.model) is not inner:
-        return own(inner, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes, **kwargs)
+        return own(
+            inner,
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            **kwargs,
+        )
     if image_sizes is not None:
         raise ValueError("image_sizes is not supported: fastnest pools fixed-size LLaVA grids")
     model, state = call.model, patch_state(call.model)
