@@ -136,12 +136,15 @@ def test_info_with_context():
 
 def test_flex_block_mask_built_once_per_info():
     info = info_for((3, 4, 5), (-1, 0, 0), "flex")
-    mask = info.prepared
-    assert mask is not None and mask.shape[-2:] == (12, 12)
+    mask = info.prepared.get(None)
+    assert mask.shape[-2:] == (12, 12)
     q, k, v = make_qkv(12, 2, 2, 8, seed=4)
     with torch.no_grad():
         varlen_attention(q, k, v, info)
-    assert info.prepared is mask
+        varlen_attention(q, k, v, info, sliding_window=3)
+        windowed = info.prepared.get(3)
+        varlen_attention(q, k, v, info, sliding_window=3)
+    assert info.prepared.get(None) is mask and info.prepared.get(3) is windowed
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
