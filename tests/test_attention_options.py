@@ -2,6 +2,8 @@
 against the float64 reference with the same options, on every backend that takes them (CUDA ones skipped
 without CUDA); a backend without one is a ValueError naming those with it."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -83,7 +85,7 @@ def test_backward_with_options(backend, device, dtype, tol, options):
     [
         ("sdpa", "softcap", 30.0, r"\('flash', 'flex'\)"),
         ("sdpa", "s_aux", "sinks", r"\('flex',\)"),
-        ("xformers", "sliding_window", 4096, r"\('flash', 'flex', 'sdpa'\)"),
+        ("xformers", "sliding_window", 3, r"\('flash', 'flex', 'sdpa'\)"),
     ],
 )
 def test_error_option_not_supported_names_the_backends_that_are(backend, option, value, supported):
@@ -109,3 +111,28 @@ def test_error_bad_option_values(options, match):
     q, k, v = make_qkv(5, 4, 2, 8, seed=1)
     with pytest.raises(ValueError, match=match):
         varlen_attention(q, k, v, info_for((5,), backend="flex"), **options)
+
+
+def test_window_covering_every_sequence_is_no_window(monkeypatch):
+    """A window of at least the longest key count changes nothing, so a backend without windows runs it."""
+    from fastnest.attention import xformers
+
+    seqlens, context = (3, 4, 5), (-1, 0, 0)  # at most 3 + 5 = 8 keys
+    q, k, v = make_qkv(12, 4, 2, 8, seed=1)
+    seen = []
+
+    def attend(q, k, v, info, scale, dropout, **options):
+        seen.append(options)
+        return reference_attention(q, k, v, info.seqlens_q, info.context).to(q.dtype)
+
+    monkeypatch.setattr(xformers, "attend", attend)
+    info = replace(info_for(seqlens, context), backend="xformers")
+    varlen_attention(q, k, v, info, sliding_window=8)
+    assert seen == [{}]
+    with pytest.raises(ValueError, match="'xformers' does not support sliding_window=7"):
+        varlen_attention(q, k, v, info, sliding_window=7)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            varlen_attention(q, k, v, info_for(seqlens, context), sliding_window=8),
+            varlen_attention(q, k, v, info_for(seqlens, context)),
+        )

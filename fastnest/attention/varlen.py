@@ -158,7 +158,8 @@ def varlen_attention(
     ``query [T, H, d]``, ``key``/``value [T, Hkv, d]`` (tokens-major; grouped-query when ``Hkv < H``; any
     strides); returns ``[T, H, d]`` in :func:`compute_dtype` (q, k and v are cast to it first).
     Options (Hugging Face's attention kwargs; a backend without one raises a ValueError naming those with it):
-    ``sliding_window`` W: a query sees its last W keys (itself included; HF's ``kv_idx > q_idx - W``);
+    ``sliding_window`` W: a query sees its last W keys (itself included; HF's ``kv_idx > q_idx - W``; a W of
+    at least every sequence's key count is no window, e.g. Mistral's 4096 over shorter sequences);
     ``softcap`` c: scores (after ``scale``) become ``c * tanh(score / c)``; ``s_aux [H]``: a per-head sink
     logit joining each softmax's denominator with no value (GPT-OSS's sinks).
     """
@@ -172,6 +173,8 @@ def varlen_attention(
         )
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
+    if sliding_window is not None and isinstance(sliding_window, int) and sliding_window >= info.max_seqlen_k:
+        sliding_window = None  # it covers every sequence's keys: the same function on any backend
     options = {"sliding_window": sliding_window, "softcap": softcap, "s_aux": s_aux}
     _check_options(info.backend, options)
     if s_aux is not None and tuple(s_aux.shape) != (heads,):
