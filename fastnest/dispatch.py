@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -21,6 +22,7 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 _CUDA_ONLY = {"flash": "flash_attn", "xformers": "xformers"}  # attention backend -> module it imports
 _HALF = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)  # FlashAttention 2 runs on Ampere (sm80) and newer
 
 
 def triton_interpreting() -> bool:
@@ -56,6 +58,8 @@ def _process_error(op: str, backend: str) -> str | None:
                 return f"the {module} package is not installed (pip install {module.replace('_', '-')})"
             if not torch.cuda.is_available():
                 return f"{module} runs on CUDA and torch.cuda.is_available() is False"
+            if backend == "flash":
+                return _capability_error(None)
         if backend == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         return None
@@ -80,12 +84,23 @@ def _kernel_error(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def _capability_error(device: torch.device | None) -> str | None:
+    """Why FlashAttention 2 cannot run on ``device`` (the current CUDA device when None): its compute capability."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLASH_MIN_CAPABILITY:
+        want = "{}.{}".format(*FLASH_MIN_CAPABILITY)
+        return f"FlashAttention 2 needs compute capability >= {want} (Ampere), this GPU has {major}.{minor}"
+    return None
+
+
 def _attention_error(backend: str, device: torch.device, dtype: torch.dtype | None, backward: bool) -> str | None:
     """Why attention ``backend`` (runnable in this process) cannot run these tensors (None when it can)."""
     if backend in _CUDA_ONLY and device.type != "cuda":
         return f"it runs on CUDA tensors, got {device.type}"
     if backend == "flash" and dtype not in _HALF:
         return f"FlashAttention takes float16/bfloat16, got {dtype}"
+    if backend == "flash":
+        return _capability_error(device)
     if backend == "flex" and backward and device.type != "cuda":
         return f"FlexAttention's backward needs CUDA tensors, got {device.type} (its forward runs there)"
     return None
@@ -113,14 +128,25 @@ def check_backend(op: str, backend: str | None) -> str:
     return backend
 
 
-def _auto(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
-    if op == "attention":
-        if device.type == "cuda":
-            if _process_error(op, "flash") is None and dtype in _HALF:
-                return "flash"
-            if _process_error(op, "xformers") is None:
-                return "xformers"
+def _auto_attention(device: torch.device, dtype: torch.dtype | None, backward: bool) -> str:
+    if device.type != "cuda":
         return "sdpa"
+    reasons = {}
+    for candidate in ("flash", "xformers"):
+        reason = _process_error("attention", candidate) or _attention_error(candidate, device, dtype, backward)
+        if reason is None:
+            return candidate
+        reasons[candidate] = reason
+    warnings.warn(
+        "attention 'auto' on CUDA falls back to 'sdpa' (one scaled_dot_product_attention per packed sequence, "
+        f"much slower than one varlen kernel): flash: {reasons['flash']}; xformers: {reasons['xformers']}. "
+        "Install flash-attn or xformers, or pass attention='sdpa' to choose it explicitly",
+        stacklevel=3,
+    )
+    return "sdpa"
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
     for candidate in ("triton", "native") if device.type == "cuda" else ("native",):
         if _kernel_error(candidate, device) is None:
             return candidate
@@ -139,13 +165,14 @@ def resolve_backend(
 
     Kernel ops, ``None``/``"auto"``: CUDA (with Triton) -> ``"triton"``; CPU -> ``"native"`` when
     ``fastnest._C`` is built, else ``"torch"``. Attention, auto: on CUDA, flash (when installed and ``dtype`` is
-    fp16/bf16), else xformers (when installed), else sdpa; elsewhere sdpa; FlexAttention only when asked for.
+    fp16/bf16 on compute capability >= 8.0), else xformers (when installed), else sdpa with a warning naming why
+    neither could run; elsewhere sdpa; FlexAttention only when asked for.
     A named backend is returned as is, or ValueError says why it cannot run; nothing falls back silently.
     """
     device = torch.device(device)
     name = check_backend(op, backend)
     if name == "auto":
-        return _auto(op, device, dtype)
+        return _auto_attention(device, dtype, backward) if op == "attention" else _auto(op, device, dtype)
     if op == "attention":
         reason = _attention_error(name, device, dtype, backward)
         if reason is not None:

@@ -4,9 +4,14 @@ sdpa runs forward and backward on CPU, flex its forward on CPU; flash, xformers 
 (and the packages) and are skipped without them.
 """
 
+import importlib.machinery
+import importlib.util
+import warnings
+
 import pytest
 import torch
 
+from fastnest import dispatch
 from fastnest.attention import BACKENDS, VarlenInfo, varlen_attention
 from fastnest.attention.naive import reference_attention
 from fastnest.dispatch import check_backend, resolve_backend
@@ -131,12 +136,15 @@ def test_info_with_context():
 
 def test_flex_block_mask_built_once_per_info():
     info = info_for((3, 4, 5), (-1, 0, 0), "flex")
-    mask = info.prepared
-    assert mask is not None and mask.shape[-2:] == (12, 12)
+    mask = info.prepared.get(None)
+    assert mask.shape[-2:] == (12, 12)
     q, k, v = make_qkv(12, 2, 2, 8, seed=4)
     with torch.no_grad():
         varlen_attention(q, k, v, info)
-    assert info.prepared is mask
+        varlen_attention(q, k, v, info, sliding_window=3)
+        windowed = info.prepared.get(3)
+        varlen_attention(q, k, v, info, sliding_window=3)
+    assert info.prepared.get(None) is mask and info.prepared.get(3) is windowed
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -203,12 +211,63 @@ def test_empty_sequence_in_middle_matches_no_empty():
 
 
 def test_auto_resolves_to_sdpa_on_cpu_and_never_to_flex():
-    for dtype in (torch.float32, torch.bfloat16):
-        assert resolve_backend("attention", "cpu", "auto", dtype=dtype) == "sdpa"
-    if not CUDA:
-        assert resolve_backend("attention", "cuda", "auto", dtype=torch.bfloat16) == "sdpa"  # nothing else can run here
-    assert resolve_backend("attention", "cpu", "sdpa", dtype=torch.float32) == "sdpa"
-    assert resolve_backend("attention", "cpu", "flex", dtype=torch.float32, backward=False) == "flex"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sdpa on CPU is the intended choice: no warning
+        for dtype in (torch.float32, torch.bfloat16):
+            assert resolve_backend("attention", "cpu", "auto", dtype=dtype) == "sdpa"
+        assert resolve_backend("attention", "cpu", "sdpa", dtype=torch.float32) == "sdpa"
+        assert resolve_backend("attention", "cpu", "flex", dtype=torch.float32, backward=False) == "flex"
+
+
+def fake_gpu(monkeypatch, capability, installed):
+    """A CUDA device of ``capability`` with the attention packages in ``installed`` (find_spec answers for them
+    only; everything else is looked up for real)."""
+    real = importlib.util.find_spec
+    packages = {"flash_attn", "xformers"}
+
+    def find_spec(name, *args, **kwargs):
+        if name in packages:
+            return importlib.machinery.ModuleSpec(name, None) if name in installed else None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0)])
+def test_auto_picks_flash_from_ampere(monkeypatch, capability):
+    fake_gpu(monkeypatch, capability, {"flash_attn", "xformers"})
+    assert resolve_backend("attention", "cuda", "auto", dtype=torch.bfloat16) == "flash"
+    assert resolve_backend("attention", "cuda", "flash", dtype=torch.float16) == "flash"
+    assert resolve_backend("attention", "cuda", "auto", dtype=torch.float32) == "xformers"  # flash: half only
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)])
+def test_flash_refused_before_ampere(monkeypatch, capability):
+    fake_gpu(monkeypatch, capability, {"flash_attn", "xformers"})
+    assert resolve_backend("attention", "cuda", "auto", dtype=torch.bfloat16) == "xformers"
+    want = r"FlashAttention 2 needs compute capability >= 8\.0 \(Ampere\), this GPU has {}\.{}".format(*capability)
+    with pytest.raises(ValueError, match=r"attention 'flash' is unavailable: " + want):
+        check_backend("attention", "flash")
+    with pytest.raises(ValueError, match=want):
+        resolve_backend("attention", "cuda", "flash", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "capability, installed, why",
+    [
+        ((9, 0), set(), r"flash: the flash_attn package is not installed .*; xformers: the xformers package is not"),
+        ((7, 5), {"flash_attn"}, r"flash: FlashAttention 2 needs compute capability >= 8\.0 .* 7\.5; xformers: the"),
+    ],
+)
+def test_auto_warns_when_it_falls_back_to_sdpa_on_cuda(monkeypatch, capability, installed, why):
+    fake_gpu(monkeypatch, capability, installed)
+    with pytest.warns(UserWarning, match=r"attention 'auto' on CUDA falls back to 'sdpa' .*" + why):
+        assert resolve_backend("attention", "cuda", "auto", dtype=torch.bfloat16) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named explicitly: no warning
+        assert resolve_backend("attention", "cuda", "sdpa", dtype=torch.bfloat16) == "sdpa"
 
 
 @pytest.mark.parametrize("name", ["flash2", "eager", "SDPA", ""])

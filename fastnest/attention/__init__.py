@@ -6,11 +6,16 @@ is aligned bottom-right: of a sequence with ``n`` queries and ``m`` keys, query 
 (all of the context, and its own tokens up to itself). Tensors are tokens-major, ``[T, heads, dim]``. Every
 backend computes this same function (``naive.py`` states it in plain loops):
 
-- ``"flash"``: FlashAttention's ``flash_attn_varlen_func`` (CUDA, fp16/bf16);
+- ``"flash"``: FlashAttention's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, compute capability >= 8.0);
+  sliding window, softcap;
 - ``"xformers"``: xformers' memory-efficient attention with a block-diagonal causal bias (CUDA);
-- ``"flex"``: PyTorch FlexAttention with a document mask over the packed stream (forward anywhere,
-  backward on CUDA only);
-- ``"sdpa"``: one ``scaled_dot_product_attention`` per sequence (anywhere; the CPU default).
+- ``"flex"``: PyTorch FlexAttention with a document mask over the packed stream, its block mask built from
+  the sequence lengths (``flex_mask``, no [T, T] tensor; forward anywhere, backward on CUDA only); sliding
+  window, softcap, sinks (``s_aux``);
+- ``"sdpa"``: one ``scaled_dot_product_attention`` per sequence (anywhere; the CPU default); sliding window.
+
+q, k and v reach the backend in one dtype (the autocast dtype under autocast, see
+``varlen.compute_dtype``); an option a backend lacks is a ValueError naming the backends that have it.
 
 Which backend runs is decided by ``fastnest.dispatch`` (op ``"attention"``).
 """

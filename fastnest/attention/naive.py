@@ -15,12 +15,17 @@ def reference_attention(
     seqlens: Sequence[int],
     context: Sequence[int] | None = None,
     scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain loops in float64: for each sequence and head, softmax(Q K^T * scale + mask) V.
 
     Sequence i's queries are its own tokens; its keys are its context's tokens (when both have tokens) then
-    its own; query j of n sees key m of M iff m <= j + M - n. ``q [T, H, d]``, ``k``/``v [T, Hkv, d]``; query
-    head h reads kv head h // (H // Hkv). Returns ``[T, H, d]`` (float64).
+    its own; query j of n sees key m of M iff m <= j + M - n (and, with a ``sliding_window`` W, also
+    m > j + M - n - W). ``softcap`` c maps each scaled score s to c * tanh(s / c); ``s_aux [H]`` adds
+    exp(s_aux[h]) to head h's softmax denominator (a sink with no value). ``q [T, H, d]``, ``k``/``v [T, Hkv,
+    d]``; query head h reads kv head h // (H // Hkv). Returns ``[T, H, d]`` (float64).
     """
     t, h, d = q.shape
     hkv = k.shape[1]
@@ -38,8 +43,13 @@ def reference_attention(
         for head in range(h if n else 0):
             kv = head // (h // hkv)
             scores = q[own, head] @ k[keys, kv].T * scale
-            visible = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            back = torch.arange(n)[:, None] + (m - n) - torch.arange(m)[None, :]  # how far back each key lies
+            visible = (back >= 0) & (back < (sliding_window or m + 1))
             scores = torch.where(visible, scores, float("-inf"))
-            p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-            out[own, head] = (p / p.sum(dim=-1, keepdim=True)) @ v[keys, kv]
+            top = scores.amax(dim=-1, keepdim=True)
+            sink = 0.0 if s_aux is None else torch.exp(s_aux[head].double() - top)
+            p = torch.exp(scores - top)
+            out[own, head] = (p / (p.sum(dim=-1, keepdim=True) + sink)) @ v[keys, kv]
     return out

@@ -5,13 +5,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+OPTIONS = frozenset({"sliding_window"})  # a window is an explicit mask; softcap and sinks are not SDPA's function
 
-def attend(q, k, v, info, scale, dropout) -> torch.Tensor:
+
+def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
+    """``[n, n]`` boolean: query j sees key m iff ``j - window < m <= j``."""
+    j = torch.arange(n, device=device)
+    diff = j[:, None] - j[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def attend(q, k, v, info, scale, dropout, sliding_window: int | None = None) -> torch.Tensor:
     gqa = k.shape[1] != q.shape[1]
 
     def run(q_, k_, v_):
+        n = q_.shape[2]
+        if sliding_window is None or sliding_window >= n:  # a window at least the block's size changes nothing
+            return F.scaled_dot_product_attention(
+                q_, k_, v_, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+        mask = _window_mask(n, sliding_window, q_.device)
         return F.scaled_dot_product_attention(
-            q_, k_, v_, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
+            q_, k_, v_, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa
         )
 
     # [T, H, d] -> [1, H, T, d] views; split (not slicing): its backward is one concatenation instead of a

@@ -12,7 +12,8 @@ from ..dispatch import OPS
 from ..packing import PackedSequences, cumulative_lengths, key_layout
 from . import flash, flex, sdpa, xformers
 
-# backend -> module with ``attend(q, k, v, info, scale, dropout)`` and, where it needs one, ``prepare(info, device)``
+# backend -> module with ``attend(q, k, v, info, scale, dropout, **options)``, the ``OPTIONS`` it takes
+# (sliding_window, softcap, s_aux) and, where it needs one, ``prepare(info, device)``
 _BACKENDS = {"flash": flash, "xformers": xformers, "flex": flex, "sdpa": sdpa}
 assert tuple(_BACKENDS) == OPS["attention"]
 
@@ -95,6 +96,51 @@ class VarlenInfo:
         return replace(info, prepared=prepare(info, device)) if prepare is not None and info.total else info
 
 
+def compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The one dtype the backend receives query, key and value in.
+
+    Under autocast on their device: the autocast dtype. Inside Hugging Face's Llama under bf16 autocast the
+    projections come out in bf16, but RoPE multiplies q and k by the fp32 cos/sin of the fp32 hidden states,
+    so q and k arrive in fp32 and v in bf16: HF's own flash integration casts fp32 inputs to the autocast dtype
+    for this case, and its sdpa/eager paths compute (and return) the autocast dtype. Without autocast, equal
+    dtypes are kept; mixed ones are cast to the one half dtype among them (HF casts to the layer's weight
+    dtype, which is that one); a mix with no or with two half dtypes is a ValueError.
+    """
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) == 1:
+        return query.dtype
+    halves = dtypes & {torch.float16, torch.bfloat16}
+    if len(halves) != 1:
+        raise ValueError(
+            f"query/key/value dtypes {query.dtype}/{key.dtype}/{value.dtype} differ outside autocast and do not "
+            "contain exactly one of float16/bfloat16 to cast to; pass one dtype or run under torch.autocast"
+        )
+    return halves.pop()
+
+
+def _check_options(backend: str, options: dict[str, Any]) -> None:
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name not in _BACKENDS[backend].OPTIONS:
+            supported = tuple(b for b, m in _BACKENDS.items() if name in m.OPTIONS)
+            raise ValueError(
+                f"attention backend {backend!r} does not support {name}={_show(value)}; backends that do: {supported}"
+            )
+    window, softcap = options.get("sliding_window"), options.get("softcap")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window must be a positive int (keys per query, itself included), got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, got {softcap!r}")
+
+
+def _show(value: Any) -> str:
+    return f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
+
+
 def varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -103,11 +149,19 @@ def varlen_attention(
     *,
     scale: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each packed sequence (and its context), never across; ``info.backend`` runs it.
 
     ``query [T, H, d]``, ``key``/``value [T, Hkv, d]`` (tokens-major; grouped-query when ``Hkv < H``; any
-    strides); returns ``[T, H, d]``.
+    strides); returns ``[T, H, d]`` in :func:`compute_dtype` (q, k and v are cast to it first).
+    Options (Hugging Face's attention kwargs; a backend without one raises a ValueError naming those with it):
+    ``sliding_window`` W: a query sees its last W keys (itself included; HF's ``kv_idx > q_idx - W``; a W of
+    at least every sequence's key count is no window, e.g. Mistral's 4096 over shorter sequences);
+    ``softcap`` c: scores (after ``scale``) become ``c * tanh(score / c)``; ``s_aux [H]``: a per-head sink
+    logit joining each softmax's denominator with no value (GPT-OSS's sinks).
     """
     if query.dim() != 3:
         raise ValueError(f"query must be [tokens, heads, dim], got shape {tuple(query.shape)}")
@@ -119,6 +173,15 @@ def varlen_attention(
         )
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
+    if sliding_window is not None and isinstance(sliding_window, int) and sliding_window >= info.max_seqlen_k:
+        sliding_window = None  # it covers every sequence's keys: the same function on any backend
+    options = {"sliding_window": sliding_window, "softcap": softcap, "s_aux": s_aux}
+    _check_options(info.backend, options)
+    if s_aux is not None and tuple(s_aux.shape) != (heads,):
+        raise ValueError(f"s_aux must hold one logit per query head ({heads},), got shape {tuple(s_aux.shape)}")
+    dtype = compute_dtype(query, key, value)
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     if total == 0:
         return query
-    return _BACKENDS[info.backend].attend(query, key, value, info, scale, dropout)
+    given = {k: v for k, v in options.items() if v is not None}
+    return _BACKENDS[info.backend].attend(query, key, value, info, scale, dropout, **given)

@@ -6,6 +6,8 @@ import torch
 
 from .common import gather_keys, nonempty_offsets
 
+OPTIONS = frozenset()  # no sliding window, softcap or sinks wired to xformers' biases here
+
 
 def prepare(info, device: torch.device):
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalFromBottomRightMask, BlockDiagonalCausalMask

@@ -66,7 +66,9 @@ def _route(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     # HF's [1, heads, T, d] in, [1, T, heads, d] out; fastnest's is tokens-major
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    return varlen_attention(q, k, v, info, scale=scaling, dropout=dropout)[None], None
+    # the layer's sliding window, logit softcap and sinks reach the backend (or fail there, named)
+    options = {name: kwargs.get(name) for name in ("sliding_window", "softcap", "s_aux")}
+    return varlen_attention(q, k, v, info, scale=scaling, dropout=dropout, **options)[None], None
 
 
 AttentionInterface.register(ROUTED, _route)

@@ -48,12 +48,20 @@ def default_model_and_processor(seed: int = 0):
     return default_model(len(tok), tok.image_token_id, seed), processor
 
 
-def load_model_and_processor(path: str | Path, dtype: torch.dtype | None = None):
-    """A Hugging Face LLaVA directory (weights, config, processor), as saved by ``save_run_model``."""
+def load_model_and_processor(path: str | Path, dtype: torch.dtype | str | None = None):
+    """A Hugging Face LLaVA directory (weights, config, processor), as saved by ``save_run_model``.
+
+    The weights load in float32 unless ``dtype`` names another (a torch dtype, or ``"auto"`` for the stored
+    one). transformers 5 reads ``dtype=None`` as "auto", so a checkpoint stored in fp16/bf16 would train with
+    half-precision master weights (AdamW state in fp16, eps 1e-8 rounding to 0) and bf16 autocast over them
+    would compute in their dtype; half compute comes from autocast or FSDP's mixed-precision policy instead.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
+        raise ValueError(f"dtype must be a torch.dtype, 'auto' or None (float32), got {dtype!r}")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32 if dtype is None else dtype)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -67,8 +75,9 @@ def read_settings(path: str | Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def load_patched(path: str | Path, scales: tuple[int, ...] | None = None, dtype: torch.dtype | None = None):
-    """Load a run's model and processor and patch it with the saved (or given) scales."""
+def load_patched(path: str | Path, scales: tuple[int, ...] | None = None, dtype: torch.dtype | str | None = None):
+    """Load a run's model and processor (float32 unless ``dtype`` says otherwise) and patch it with the saved
+    (or given) scales."""
     model, processor = load_model_and_processor(path, dtype)
     chosen = tuple(scales or read_settings(path).get("scales") or DEFAULT_SCALES)
     return patch(model, scales=chosen), processor
