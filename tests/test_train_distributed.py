@@ -195,7 +195,7 @@ def test_hf_trainer_trains_the_patched_model_unchanged(tmp_path):
     assert losses[-1] < losses[0]
     after = model.state_dict()
     for part in (
-        "vision_tower.embeddings.patch_embedding",
+        "embeddings.patch_embedding",  # the tower's (under vision_tower.vision_model in transformers 5.0)
         "multi_modal_projector.linear_1",
         "language_model.layers.1",
         "lm_head",

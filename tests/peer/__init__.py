@@ -268,6 +268,18 @@ def parse_junit(path: Path) -> dict[str, Outcome]:
     return outcomes
 
 
+def _repo_packages(workdir: Path) -> Path:
+    """A directory holding only the repository's Python packages (links): with the repository root itself on
+    sys.path, its ``kernels/`` source folder imports as a namespace package and shadows Hugging Face's
+    ``kernels`` (transformers 5.0's ``is_kernels_available`` then fails at the mixin's import)."""
+    links = workdir / "packages"
+    links.mkdir(exist_ok=True)
+    for name in ("fastnest", "tests", "tools"):
+        if not (links / name).exists():
+            (links / name).symlink_to(REPO / name, target_is_directory=True)
+    return links
+
+
 def run_suite(
     prepared: Prepared,
     patched: bool,
@@ -288,7 +300,7 @@ def run_suite(
     ini.write_text("[pytest]\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(prepared.path), *map(str, prepared.wheels), str(REPO), env.get("PYTHONPATH", "")]
+        [str(prepared.path), *map(str, prepared.wheels), str(_repo_packages(workdir)), env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     env["FASTNEST_PEER_PATCHED"] = "1" if patched else "0"
     if threads is not None:  # two suites side by side: one core each rather than both fighting for both
@@ -298,7 +310,7 @@ def run_suite(
     cmd = [
         "timeout", "-k", "15", str(timeout_s),
         sys.executable, "-m", "pytest", str(CASES),
-        "-c", str(ini), "--rootdir", str(workdir), "--noconftest", "-p", "no:cacheprovider",
+        "-c", str(ini), "--rootdir", str(workdir), "--noconftest", "-p", "no:cacheprovider", "--import-mode=importlib",
         "-q", "--tb=short", f"--junitxml={junit}",
         *(extra or []),
     ]  # fmt: skip
