@@ -110,3 +110,18 @@ def test_non_utf8_is_one_bad_row_in_jsonl_and_fatal_with_its_offset_in_json(tmp_
     at = 1 + len(good) + 2 + broken.index(b"\xff")
     with pytest.raises(BadSampleError, match=rf"{array}: not UTF-8 at byte {at} "):
         LlavaJsonExamples(array, tmp_path, BadSamples("skip"))
+
+
+@pytest.mark.parametrize("case", ["bad row", "no rows"])
+def test_evaluation_data_is_checked_before_training(tmp_path, tiny_dir, capsys, case):
+    names = write_images(tmp_path / "img", 1)
+    rows = [row(names[0]), row("missing.png")] if case == "bad row" else []
+    evaluation = write_json(tmp_path / "eval.json", rows)
+    args = [a for a in cli_args(tiny_dir, tmp_path / "run", 2, 2) if a != "--no-analyze"]
+    args += ["--eval-data", str(evaluation), "--eval-image-folder", str(tmp_path / "img")]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert (
+        (f"{evaluation} row 1: image" in err) if case == "bad row" else (f"--eval-data {evaluation}: no usable" in err)
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no training time spent

@@ -64,6 +64,15 @@ def test_analyze_on_an_empty_file_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "report.json").exists()
 
 
+def test_analyze_refuses_an_output_dir_that_is_a_file_before_evaluating(tmp_path, capsys):
+    from tests.train_helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    (tmp_path / "out").write_text("x")
+    assert main(["analyze", "--model", str(model), "--output-dir", str(tmp_path / "out"), "--samples", "2"]) == 2
+    assert f"--output-dir {tmp_path / 'out'} is a file; it must be a directory" in capsys.readouterr().err
+
+
 def test_patch_refuses_a_single_int_as_scales():
     model = tiny_model(tiny_processor())
     for scales in (4, "1,4"):

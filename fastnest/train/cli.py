@@ -162,10 +162,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
     from .data_synthetic import QUESTION_TYPES
     from .run_analysis import SYNTHETIC_EVAL_SEED
+    from .storage import check_output_dir
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
         model_dir = model_dir / "model"
+    out = Path(args.output_dir) if args.output_dir else model_dir.parent
+    check_output_dir(out)  # before the evaluation time is spent
     bad = BadSamples(args.on_bad_sample)
     if args.data:
         examples = LlavaJsonExamples(args.data, args.image_folder, bad)
@@ -187,7 +190,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     if summary["num_samples"] == 0:
         raise ValueError(f"--data {args.data}: no row could be scored ({bad.summary()})")
     summary["bad_samples"] = dict(bad.counts)
-    out = Path(args.output_dir) if args.output_dir else model_dir.parent
     title = f"Granularity analysis of {model_dir}"
     paths = report.write(summary, out, title=title)
     print(report.markdown(summary, title))
