@@ -244,3 +244,26 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(tiny_dir, small_disk, 
     assert "no space left on device writing checkpoint step 2" in err
     assert [p.name for p in (run / "checkpoints").iterdir()] == [STEP.format(1)]
     assert [r["step"] for r in records(run)] == [1, 2]
+
+
+def test_a_checkpoint_without_saved_options_resumes_with_a_warning(tmp_path, caplog):
+    from fastnest.train import resume
+
+    with caplog.at_level(logging.WARNING, "fastnest.train"):
+        assert resume.check(tmp_path, {"steps": 3}, ()) == []
+    assert f"{tmp_path} has no trajectory.json (an older checkpoint): its options cannot be compared" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })'), True),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"), False),  # with space left
+    ],
+)
+def test_full_disk_errors_are_told_from_other_write_errors(tmp_path, error, full):
+    from fastnest.train import storage
+
+    assert storage.is_disk_full(error, tmp_path) is full
