@@ -101,3 +101,33 @@ def tiny_config(output_dir, model_dir, **kw):
         analyze=False,
     )
     return TrainConfig(**(base | kw))
+
+
+def cli_args(model_dir, output_dir, steps: int = 2, batch: int = 2, *extra: str) -> list[str]:
+    """``fastnest train`` options of a short CPU run of the tiny model on the synthetic set."""
+    return [
+        "--model",
+        str(model_dir),
+        "--scales",
+        ",".join(map(str, TINY_SCALES)),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--system",
+        "A chat",
+        "--synthetic-turns",
+        "2",
+        "--no-progress",
+        "--no-analyze",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
+
+
+def records(run_dir) -> list[dict]:
+    """The run's ``metrics.jsonl`` records."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

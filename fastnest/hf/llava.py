@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration, activations
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..constants import DEFAULT_SCALES, IGNORE_INDEX
-from ..dispatch import check_backend
+from ..dispatch import check_backend, triton_interpreting
 from ..layout import pooled_grid
 from ..ops.projector.function import matryoshka_project, register_gelu, register_projector
 from ..scales import MatryoshkaScales
@@ -136,8 +136,15 @@ def patch_llava(
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"patch_llava expects a LlavaForConditionalGeneration, got {type(model).__name__}")
+    if isinstance(scales, (int, str, bytes)) or not hasattr(scales, "__iter__"):
+        raise TypeError(f"scales must be a sequence of ints such as {DEFAULT_SCALES}, got {scales!r}")
     if backend not in (None, "auto"):
         check_backend("projector", backend)
+    if backend == "triton" and not torch.cuda.is_available() and not triton_interpreting():
+        raise ValueError(
+            "backend 'triton' needs CUDA and torch.cuda.is_available() is False (TRITON_INTERPRET=1 runs it on "
+            "CPU); here use 'native', 'torch' or 'auto'"
+        )
     spec = MatryoshkaScales(LLAVA.grid(model), scales)
     check_backend("attention", attention)
     set_state(model, PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix)))

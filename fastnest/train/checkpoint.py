@@ -3,12 +3,13 @@
 A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only when
 complete, so a process killed while saving leaves the previous checkpoints intact; leftovers are removed on
 the next start. It holds the model (``model/``: Hugging Face ``save_pretrained``, safetensors, processor and
-fastnest settings), ``trainer_state.pt`` (optimizer, scheduler, step, data position) and each process's RNG
-state (``rng-rank<r>.pt``).
+fastnest settings), ``trainer_state.pt`` (optimizer, scheduler, step, data position), each process's RNG
+state (``rng-rank<r>.pt``) and ``trajectory.json`` (the options a resume must match, ``resume.py``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -20,6 +21,7 @@ import torch
 
 from .distributed import Dist, unwrap
 from .model import save_run_model
+from .resume import TRAJECTORY_FILE
 
 log = logging.getLogger("fastnest.train")
 CHECKPOINTS = "checkpoints"
@@ -86,6 +88,7 @@ def save(
     strategy: str,
     d: Dist,
     keep: int,
+    trajectory: dict | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (every process calls this); return its directory."""
     root = run_dir / CHECKPOINTS
@@ -99,6 +102,8 @@ def save(
             {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "progress": progress, "world": d.world},
             tmp / STATE,
         )
+        if trajectory is not None:  # the options a resume is checked against (resume.py)
+            (tmp / TRAJECTORY_FILE).write_text(json.dumps(trajectory, indent=2, default=list) + "\n")
     d.barrier()
     torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
     d.barrier()

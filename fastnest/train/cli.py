@@ -17,6 +17,16 @@ def _scales(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"scales must be comma-separated integers, got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _parts(text: str) -> tuple[str, ...]:
     return () if text == "none" else tuple(p for p in text.split(",") if p)
 
@@ -74,7 +84,14 @@ def _optimisation_options(o, d, default_steps: int) -> None:
     )
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (0: off)")
+    o.add_argument(
+        "--max-nonfinite-skips",
+        type=int,
+        default=d.max_nonfinite_skips,
+        help="a step whose loss or gradient norm is not finite stops the run; with N > 0, up to N such steps in a "
+        "row are skipped (no update) first (default: %(default)s)",
+    )
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast (FSDP2: bf16 parameters, fp32 reduction)")
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=d.seed)
@@ -84,6 +101,14 @@ def _run_options(r, d) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
     r.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (0: all)")
     r.add_argument("--resume", help="checkpoint or run directory to resume exactly (newest checkpoint)")
+    r.add_argument(
+        "--resume-override",
+        type=_parts,
+        default=(),
+        help="comma-separated options allowed to differ from the checkpoint's on --resume (steps, lr, lr-vision, "
+        "lr-projector, lr-lm, weight-decay, warmup-steps, max-grad-norm, max-length, model, image-folder, bf16); "
+        "recorded in the run",
+    )
     r.add_argument(
         "--strategy",
         choices=("auto", "ddp", "fsdp"),
@@ -110,10 +135,10 @@ def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     )
     p.add_argument("--image-folder")
     p.add_argument("--output-dir", help="where to write the report (default: beside the model)")
-    p.add_argument("--samples", type=int, default=400, help="synthetic evaluation samples")
+    p.add_argument("--samples", type=_positive, default=400, help="synthetic evaluation samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (selects its synthetic evaluation split)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, help="longest row (default: the run's)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--max-length", type=_positive, help="longest row (default: the run's)")
     p.add_argument("--on-bad-sample", choices=("skip", "fail"), default="fail")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--scales", type=_scales, help="scales to evaluate (default: the run's, else 1,9,36,144,576)")
@@ -136,14 +161,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze_model
     from .data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
     from .data_synthetic import QUESTION_TYPES
-    from .trainer import SYNTHETIC_EVAL_SEED
+    from .run_analysis import SYNTHETIC_EVAL_SEED
+    from .storage import check_output_dir
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
         model_dir = model_dir / "model"
+    out = Path(args.output_dir) if args.output_dir else model_dir.parent
+    check_output_dir(out)  # before the evaluation time is spent
     bad = BadSamples(args.on_bad_sample)
     if args.data:
         examples = LlavaJsonExamples(args.data, args.image_folder, bad)
+        if len(examples) == 0:
+            raise ValueError(f"--data {args.data}: no usable rows ({bad.summary()})")
     else:
         examples = SyntheticExamples(args.samples, seed=SYNTHETIC_EVAL_SEED + args.seed, turns=1)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -157,8 +187,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         device=device,
         scales=args.scales,
     )
+    if summary["num_samples"] == 0:
+        raise ValueError(f"--data {args.data}: no row could be scored ({bad.summary()})")
     summary["bad_samples"] = dict(bad.counts)
-    out = Path(args.output_dir) if args.output_dir else model_dir.parent
     title = f"Granularity analysis of {model_dir}"
     paths = report.write(summary, out, title=title)
     print(report.markdown(summary, title))
@@ -171,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from .data_llava import BadSampleError
+    from .guards import NonFiniteError
+    from .signals import Interrupted
+    from .storage import DiskFullError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # weight loading/saving bars would break fastnest's own progress line
@@ -185,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     except (BadSampleError, ValueError) as e:
         print(f"fastnest {command}: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, DiskFullError) as e:
+        print(f"fastnest {command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"fastnest {command}: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"fastnest {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..constants import DEFAULT_SCALES
 from ..hf.adapter import PARTS
+from .resume import check_override_names
 from .template import SYSTEM_V1
 
 
@@ -45,6 +47,8 @@ class TrainConfig:
     eval_batch_size: int = 16
     analyze: bool = True
     progress: bool = True
+    max_nonfinite_skips: int = 0  # non-finite steps skipped in a row before the run stops (0: stop at the first)
+    resume_override: tuple[str, ...] = ()  # trajectory options allowed to differ from the checkpoint's on --resume
 
     def __post_init__(self) -> None:
         self.scales = tuple(self.scales)
@@ -58,13 +62,41 @@ class TrainConfig:
                 raise ValueError(f"--freeze {part!r}: parts are {PARTS}")
         if len(self.freeze) == len(PARTS):
             raise ValueError(f"--freeze {','.join(self.freeze)} leaves nothing to train")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps must be positive, got {self.steps}")
+        _check_values(self)
         if self.data is None and self.image_folder is not None:
             raise ValueError("--image-folder needs --data")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Refuse values no run can use, naming the flag, the value and what is allowed."""
+    for name in ("batch_size", "grad_accum", "max_length", "eval_samples", "eval_batch_size"):
+        _at_least(name, getattr(cfg, name), 1)
+    for name in ("warmup_steps", "save_every", "save_total_limit", "max_nonfinite_skips"):
+        _at_least(name, getattr(cfg, name), 0)
+    if cfg.steps is not None:
+        _at_least("steps", cfg.steps, 1)
+    if not 1 <= cfg.synthetic_turns <= 4:
+        raise ValueError(f"--synthetic-turns must be in 1..4 (one question per type), got {cfg.synthetic_turns}")
+    for name in ("lr", "lr_vision", "lr_projector", "lr_lm"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{_flag(name)} must be a finite positive number, got {value}")
+    for name, off in (("weight_decay", ""), ("max_grad_norm", " (0 turns clipping off)")):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{_flag(name)} must be a finite number >= 0{off}, got {value}")
+    cfg.resume_override = tuple(cfg.resume_override)
+    check_override_names(cfg.resume_override)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        allowed = "positive" if low == 1 else f">= {low}"
+        raise ValueError(f"{_flag(name)} must be {allowed}, got {value}")
 
 
 DEFAULT_STEPS = 2000  # the built-in run: about 7 minutes on 2 CPU cores

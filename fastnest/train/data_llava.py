@@ -14,11 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..packing import IGNORE_INDEX
 from .data_synthetic import SyntheticVQA
+from .images import pixel_values, rgb_array
 from .template import IMAGE_TAG, SYSTEM_V1, BadSample, check_conversation, count_image_tags, encode_v1
 
 log = logging.getLogger("fastnest.train")
@@ -30,6 +30,9 @@ BAD_KINDS = (
     "missing image",
     "corrupt image",
     "over-long row",
+    "not UTF-8",
+    "no assistant turn",
+    "image tag in an assistant turn",
 )
 
 
@@ -71,7 +74,7 @@ class BadSamples:
 @dataclass(frozen=True)
 class Example:
     conversations: list[dict]
-    images: list  # RGB PIL images or uint8 arrays [H, W, 3]
+    images: list  # uint8 RGB arrays [H, W, 3] (or PIL images: see images.rgb_array)
     where: str  # "file row N", for messages
     question_type: str = "all"
 
@@ -92,33 +95,53 @@ class SyntheticExamples:
 
 def _read_rows(file: Path, bad: BadSamples) -> list[tuple[int, object]]:
     """(row number, parsed row) pairs of a JSON array or a JSON-lines file."""
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad.report(f"{file} row {i}", "malformed JSON", f"malformed JSON ({e.msg}, column {e.colno})")
-        return rows
     try:
-        data = json.loads(text)
+        data = file.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({e.strerror})") from e
+    if file.suffix == ".jsonl":
+        return _read_lines(file, data, bad)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # a JSON array cannot be split into rows without decoding it: always fatal
+        raise BadSampleError(f"{file}: not UTF-8 at byte {e.start} ({e.reason}); data files must be UTF-8") from e
+    try:
+        rows = json.loads(text)
     except json.JSONDecodeError as e:  # a broken array cannot be split into rows: always fatal
         raise BadSampleError(f"{file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    if not isinstance(data, list):
-        raise BadSampleError(f"{file}: expected a JSON array of rows, got {type(data).__name__}")
-    return list(enumerate(data))
+    if not isinstance(rows, list):
+        raise BadSampleError(f"{file}: expected a JSON array of rows, got {type(rows).__name__}")
+    return list(enumerate(rows))
+
+
+def _read_lines(file: Path, data: bytes, bad: BadSamples) -> list[tuple[int, object]]:
+    """JSON lines: a line that is not UTF-8 or not JSON is one bad row."""
+    rows, offset = [], 0
+    for i, raw in enumerate(data.split(b"\n")):
+        start, offset = offset, offset + len(raw) + 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.report(f"{file} row {i}", "not UTF-8", f"not UTF-8 at byte {start + e.start} of the file ({e.reason})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            bad.report(f"{file} row {i}", "malformed JSON", f"malformed JSON ({e.msg}, column {e.colno})")
+    return rows
 
 
 class LlavaJsonExamples:
     """Rows of a LLaVA conversation-format file, with images under ``image_folder``."""
 
-    def __init__(self, file: str | Path, image_folder: str | Path | None, bad: BadSamples) -> None:
+    def __init__(
+        self, file: str | Path, image_folder: str | Path | None, bad: BadSamples, flag: str = "--data"
+    ) -> None:
         self.file = Path(file)
         if not self.file.is_file():
-            raise ValueError(f"--data {self.file}: no such file")
+            raise ValueError(f"{flag} {self.file}: no such file")
         self.folder = Path(image_folder) if image_folder is not None else self.file.parent
         self.rows: list[tuple[int, dict, list[Path]]] = []
         for i, row in _read_rows(self.file, bad):
@@ -157,7 +180,7 @@ class LlavaJsonExamples:
         for p in paths:
             try:
                 with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
+                    images.append(rgb_array(im, str(p)))
             except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image I can decode"
                 bad.report(where, "corrupt image", f"image {p} cannot be decoded ({e})")
                 return None
@@ -223,8 +246,7 @@ class Collator:
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         images = [im for ex in kept for im in ex.images]
         if images:
-            arrays = [np.asarray(im) for im in images]
-            inputs["pixel_values"] = self.images(arrays, return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = pixel_values(self.images, images)
         return Batch(inputs, [ex.question_type for ex in kept], [ex.where for ex in kept])
 
 

@@ -41,6 +41,12 @@ def check_conversation(conversations: object) -> list[dict]:
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
             raise BadSample(f'turn {i} must be from "{expected}" (turns alternate human/gpt), got {turn.get("from")!r}')
+        if expected == "gpt" and IMAGE_TAG in turn["value"]:
+            raise BadSample(
+                f"turn {i} (gpt) holds {IMAGE_TAG}: images go in human turns", "image tag in an assistant turn"
+            )
+    if len(conversations) < 2:
+        raise BadSample('no "gpt" turn: a row needs at least one answer to learn or score', "no assistant turn")
     return conversations
 
 

@@ -1,0 +1,96 @@
+"""One optimizer step of the loop: the micro-batches, forward/backward with accumulation, the gradient norm,
+and the update (applied only when the non-finite guard allows it)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..constants import IGNORE_INDEX
+from ..hf import patch_state
+from .data_llava import count_targets
+from .guards import grad_norm
+
+
+@dataclass
+class StepStats:
+    loss: float  # summed over processes
+    scale_losses: list[float]
+    tokens: int  # language-model tokens run, all processes
+    grad_norm: float  # global, before clipping (0.0 when no update was computed)
+    num_items: int  # answer tokens of the global batch (0: nothing to learn, no update)
+
+
+def micro_batches(run, step: int) -> list:
+    cfg, d = run.cfg, run.d
+    micro = []
+    for m in range(cfg.grad_accum):
+        first = step * run.world_batch + (m * d.world + d.rank) * cfg.batch_size
+        rows = [run.examples.example(run.order[p], run.bad) for p in range(first, first + cfg.batch_size)]
+        micro.append(run.collate(rows, run.bad))
+    return micro
+
+
+def forward_backward(run, step: int, autocast, trainable) -> StepStats:
+    """Gradients of the accumulated micro-batches (not yet applied); the losses and tokens, summed over
+    processes, and the global gradient norm (clipped per ``--max-grad-norm`` when finite)."""
+    cfg, d = run.cfg, run.d
+    micro = micro_batches(run, step)
+    num_items = d.sum([sum(count_targets(b.inputs["labels"], b.inputs["attention_mask"]) for b in micro if b)])[0]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    scale_sum = torch.zeros(len(run.spec.scales), dtype=torch.float64)
+    tokens = 0
+    for m, batch in enumerate(micro if num_items else ()):  # no target in the whole global batch: no update
+        inputs = batch.inputs if batch is not None else None
+        if inputs is None and not d.enabled:
+            continue
+        if d.enabled and (inputs is None or "pixel_values" not in inputs):
+            # Every process must run the same modules (DDP waits for every gradient, FSDP2 for every
+            # all-gather): a label-free dummy image row costs a little and changes no gradient.
+            inputs = with_dummy_row(inputs, patch_state(run.model).adapter.dummy_row(run.model))
+        with no_sync(run.wrapped, run.strategy, m == cfg.grad_accum - 1):
+            inputs = {k: v.to(d.device) for k, v in inputs.items()}
+            with autocast:
+                out = run.wrapped(**inputs, num_items_in_batch=num_items)
+            (out.loss * d.world).backward()
+        loss_sum += out.loss.detach().double().cpu()
+        scale_sum += out.scale_losses.double().cpu()
+        tokens += out.lm_tokens
+    norm = grad_norm(trainable, cfg.max_grad_norm) if num_items else 0.0
+    reduced = d.sum([float(loss_sum), *scale_sum.tolist(), tokens])
+    return StepStats(reduced[0], reduced[1 : 1 + len(run.spec.scales)], int(reduced[-1]), norm, int(num_items))
+
+
+def finish_step(run, apply: bool) -> None:
+    """Apply the gradients (optimizer and schedule step) when ``apply``, else drop them (no update)."""
+    if apply:
+        run.optimizer.step()
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.d.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def with_dummy_row(inputs: dict | None, dummy: dict[str, torch.Tensor]) -> dict:
+    """``inputs`` plus ``dummy`` (a label-free row with its own image, ``ModelAdapter.dummy_row``), padded on the
+    right to a common width; the batch's loss and gradients are unchanged."""
+    if inputs is None:
+        return dummy
+    width = max(inputs["input_ids"].shape[1], dummy["input_ids"].shape[1])
+    pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    merged = {
+        k: torch.cat([torch.nn.functional.pad(t[k], (0, width - t[k].shape[1]), value=v) for t in (inputs, dummy)])
+        for k, v in pad.items()
+    }
+    return {**merged, "pixel_values": dummy["pixel_values"]}
+
+
+def no_sync(model, strategy: str, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if strategy == "ddp" and not last:
+        return model.no_sync()
+    if strategy == "fsdp":
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
