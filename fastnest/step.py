@@ -113,6 +113,8 @@ def packed_step(
         image_token_id=image_token_id,
         share_prefix=share_prefix,
     )
+    if plan.packed.total == 0:
+        raise ValueError(f"the batch holds no tokens (input_ids of shape {tuple(input_ids.shape)}, all padding)")
     device = source.device
     packed = plan.packed.to(device)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else source.dtype

@@ -237,3 +237,22 @@ def test_bad_scale_lists():
         fast(**batch.inputs(labels=False), scale=[1, 4])
     with pytest.raises(ValueError, match=r"scale 9 is not configured"):
         fast(**batch.inputs(labels=False), scale=[1, 9, 4])
+
+
+def test_bad_training_inputs_are_named():
+    _, fast = pair(seed=11)
+    fast.train()
+    batch = make_batch(fast, ROWS)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"num_items_in_batch must be a positive count .* got {bad}"):
+            fast(**batch.inputs(), num_items_in_batch=bad)
+    padding = {
+        **batch.inputs(),
+        "attention_mask": torch.zeros_like(batch.attention_mask),
+        "labels": torch.full_like(batch.labels, -100),
+        "pixel_values": None,
+    }
+    with pytest.raises(ValueError, match="the batch holds no tokens"):
+        fast(**padding)
+    with pytest.raises(ValueError, match=r"pixel_values must be \[images, channels, height, width\], got shape"):
+        fast(**{**batch.inputs(), "pixel_values": batch.pixel_values[0]})

@@ -77,6 +77,8 @@ def packed_pass(
 
 def training_step(model, input_ids, attention_mask, pixel_values, labels, *, num_items=None, vision_options=None):
     """The packed all-scale step of a patched model and its loss (``MatryoshkaCausalLMOutput``)."""
+    if num_items is not None and not float(num_items) > 0:
+        raise ValueError(f"num_items_in_batch must be a positive count of target tokens, got {num_items}")
     state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, vision_options=vision_options)
     loss, per_scale = _answer_loss(state.adapter.lm_head(model), step, len(state.spec.scales), num_items, state)
     return MatryoshkaCausalLMOutput(loss=loss, scale_losses=per_scale.detach(), lm_tokens=step.lm_tokens)

@@ -65,7 +65,13 @@ class LlavaAdapter(ModelAdapter):
         return config.vision_config.image_size // config.vision_config.patch_size
 
     def image_layouts(self, model, spec, pixel_values):
-        return [pooled_grid(spec)] * (0 if pixel_values is None else pixel_values.shape[0])
+        if pixel_values is None:
+            return []
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be [images, channels, height, width], got shape {tuple(pixel_values.shape)}"
+            )
+        return [pooled_grid(spec)] * pixel_values.shape[0]
 
     def connector_rows(self, model, features, spec, backend):
         """The projector's output pooled to every scale (the fused kernels when it is linear -> GELU -> linear)."""
