@@ -256,3 +256,13 @@ def test_bad_training_inputs_are_named():
         fast(**padding)
     with pytest.raises(ValueError, match=r"pixel_values must be \[images, channels, height, width\], got shape"):
         fast(**{**batch.inputs(), "pixel_values": batch.pixel_values[0]})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without CUDA")
+def test_flex_without_cuda_warns_at_patch_time_and_its_training_step_is_refused():
+    plain = build(seed=12)
+    with pytest.warns(UserWarning, match="FlexAttention's backward needs CUDA"):
+        fast = fastnest.patch_llava(copy.deepcopy(plain), scales=SCALES, attention="flex")
+    batch = make_batch(fast, ROWS[:1])
+    with pytest.raises(ValueError, match="FlexAttention's backward needs CUDA tensors, got cpu"):
+        fast.train()(**batch.inputs())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 
 import torch
 from transformers import LlavaForConditionalGeneration, activations
@@ -153,6 +154,12 @@ def patch_llava(
         )
     spec = MatryoshkaScales(LLAVA.grid(model), scales)
     check_backend("attention", attention)
+    if attention == "flex" and not torch.cuda.is_available():
+        warnings.warn(
+            "attention='flex': FlexAttention's backward needs CUDA, which this process lacks; the packed forward "
+            "(fastnest analyze) runs here, a training step will be refused (use attention='sdpa' or 'auto' to train)",
+            stacklevel=2,
+        )
     set_state(model, PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix)))
     hf_attention.route(LLAVA.language_model(model))
     inner = LLAVA.multimodal(model)
