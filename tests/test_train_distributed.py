@@ -19,7 +19,7 @@ import fastnest
 from fastnest.train import checkpoint
 from fastnest.train.data_llava import BadSamples, Collator, SyntheticExamples
 from fastnest.train.trainer import train
-from tests.train_helpers import TINY_SCALES, save_tiny_model, tiny_config, tiny_model, tiny_processor
+from tests.train_helpers import TINY_SCALES, cli_args, save_tiny_model, tiny_config, tiny_model, tiny_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,29 +33,6 @@ def _env(**extra) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
     env.pop("WORLD_SIZE", None)
     return env
-
-
-def _args(tiny_dir, out, steps, batch):
-    return [
-        "--model",
-        str(tiny_dir),
-        "--scales",
-        "1,4,16",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        str(batch),
-        "--system",
-        "A chat",
-        "--synthetic-turns",
-        "2",
-        "--no-progress",
-        "--no-analyze",
-        "--device",
-        "cpu",
-        "--output-dir",
-        str(out),
-    ]
 
 
 def _records(run):
@@ -95,7 +72,7 @@ def _same_trajectory(one, two):
 
 
 def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir, one_process):
-    _torchrun(_args(tiny_dir, tmp_path / "two", 3, 2))
+    _torchrun(cli_args(tiny_dir, tmp_path / "two", 3, 2))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["strategy"] == "ddp" and summary["global_batch"] == 4
     _same_trajectory(one_process, _records(tmp_path / "two"))
@@ -104,12 +81,12 @@ def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path, tiny_dir
 
 def test_fsdp2_over_gloo_follows_the_one_process_trajectory_and_resumes(tmp_path, tiny_dir, one_process):
     """FSDP2 (``fully_shard``) is meant for GPUs, but runs on CPU with gloo, so CI covers its code path."""
-    _torchrun([*_args(tiny_dir, tmp_path / "fsdp", 3, 2), "--strategy", "fsdp", "--save-every", "2"])
+    _torchrun([*cli_args(tiny_dir, tmp_path / "fsdp", 3, 2), "--strategy", "fsdp", "--save-every", "2"])
     assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["strategy"] == "fsdp"
     _same_trajectory(one_process, _records(tmp_path / "fsdp"))
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    _torchrun([*_args(tiny_dir, "unused", 3, 2), "--strategy", "fsdp", "--resume", str(resumed)])
+    _torchrun([*cli_args(tiny_dir, "unused", 3, 2), "--strategy", "fsdp", "--resume", str(resumed)])
     assert _records(resumed) == [
         {**r, **{k: v for k, v in b.items() if k in ("step_s", "tokens_per_s", "wall_s", "cpu_s")}}
         for r, b in zip(_records(tmp_path / "fsdp")[2:], _records(resumed))
@@ -134,7 +111,7 @@ sys.exit(main(["train", *sys.argv[1:]]))
 
 def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_finishes(tmp_path, tiny_dir):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-c", SLOW_SAVE_DRIVER, *_args(tiny_dir, run, 6, 2), "--save-every", "2"]
+    cmd = [sys.executable, "-c", SLOW_SAVE_DRIVER, *cli_args(tiny_dir, run, 6, 2), "--save-every", "2"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = run / "checkpoints" / ".tmp-step-00000004"
     try:
