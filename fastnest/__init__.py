@@ -6,7 +6,7 @@ imported on first use of one of its names.
 """
 
 from .attention import VarlenInfo, varlen_attention
-from .connectors import MatryoshkaProjector
+from .connectors import MatryoshkaProjector, MatryoshkaQueryTransformer
 from .constants import DEFAULT_SCALES, IGNORE_INDEX
 from .layout import ImageLayout, pooled_grid
 from .ops.cross_entropy.function import fused_linear_cross_entropy
@@ -48,6 +48,7 @@ __all__ = [
     "ImageLayout",
     "MatryoshkaPlan",
     "MatryoshkaProjector",
+    "MatryoshkaQueryTransformer",
     "MatryoshkaScales",
     "PackedSequences",
     "StepOutput",
