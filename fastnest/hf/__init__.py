@@ -1,5 +1,5 @@
 """Hugging Face models: one adapter per model family, the attention hook, patch/unpatch, and a registry from
-``config.model_type`` to the family's patch function."""
+``config.model_type`` to the family's patch function. Importing it registers the ``mqt_llava`` model type."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from .adapter import ModelAdapter
 from .inference import scaled_inputs
 from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
+from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration, MQTLlavaModel
 from .output import MatryoshkaCausalLMOutput
 from .processor import processor_at_scale
 from .state import PatchState, is_patched, patch_state
@@ -29,6 +30,9 @@ __all__ = [
     "LLAVA",
     "PATCHES",
     "LlavaAdapter",
+    "MQTLlavaConfig",
+    "MQTLlavaForConditionalGeneration",
+    "MQTLlavaModel",
     "MatryoshkaCausalLMOutput",
     "ModelAdapter",
     "PatchState",
