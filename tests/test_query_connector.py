@@ -1,15 +1,13 @@
-"""MatryoshkaQueryTransformer against the released connector restated plainly (explicit matmuls and softmax,
-one m at a time), the nesting property in both key modes, dtypes and errors."""
+"""MatryoshkaQueryTransformer against the released connector restated plainly (tools/mqt_reference.py:
+explicit matmuls and softmax, one m at a time), the nesting property in both key modes, dtypes and errors."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastnest import MatryoshkaQueryTransformer
+from tools.mqt_reference import released_connector
 
 DV, DOUT, M, HEADS, GRID = 32, 24, 16, 4, 6
 
@@ -26,40 +24,8 @@ def build(keys="positional", seed=0, dtype=torch.float32):
     return mqt.to(dtype)
 
 
-def layer_norm(x, w, b, eps=1e-6):
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps) * w + b
-
-
 def reference(mqt, features, m, keys="positional"):
-    """The released Resampler at m queries, written out: q = ln_q(query[:m] + pos[:m]); k = ln_k(pos resized
-    bicubically to the grid) (or ln_k(features + that) for keys="features"); v = ln_v(features); per-head
-    softmax(q k^T / sqrt(d)) v; out_proj; @ proj."""
-    p = dict(mqt.named_parameters())
-    side = math.isqrt(M)
-    pos = p["pos_embed"].float()
-    grid_pos = F.interpolate(
-        pos.reshape(1, side, side, DV).permute(0, 3, 1, 2), size=(GRID, GRID), mode="bicubic", align_corners=False
-    )
-    grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(GRID * GRID, DV)
-    q = layer_norm(p["query"][:m] + pos[:m], p["ln_q.weight"], p["ln_q.bias"])
-    x = features.float()
-    k_in = grid_pos.expand(x.shape[0], -1, -1) if keys == "positional" else x + grid_pos
-    k = layer_norm(k_in, p["ln_k.weight"], p["ln_k.bias"])
-    v = layer_norm(x, p["ln_v.weight"], p["ln_v.bias"])
-    wq, wk, wv = p["attn.in_proj_weight"].chunk(3)
-    bq, bk, bv = p["attn.in_proj_bias"].chunk(3)
-    d = DV // HEADS
-    outs = []
-    for n in range(x.shape[0]):
-        qh = (q @ wq.T + bq).reshape(m, HEADS, d).transpose(0, 1)
-        kh = (k[n] @ wk.T + bk).reshape(-1, HEADS, d).transpose(0, 1)
-        vh = (v[n] @ wv.T + bv).reshape(-1, HEADS, d).transpose(0, 1)
-        weights = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1)
-        heads = (weights @ vh).transpose(0, 1).reshape(m, DV)
-        outs.append((heads @ p["attn.out_proj.weight"].T + p["attn.out_proj.bias"]) @ p["proj"])
-    return torch.stack(outs)
+    return released_connector(mqt, features, m, keys)
 
 
 def features(n=3, seed=1, dtype=torch.float32):

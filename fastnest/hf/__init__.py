@@ -10,12 +10,13 @@ import torch
 from .adapter import ModelAdapter
 from .inference import scaled_inputs
 from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
+from .mqt import MQT_LLAVA, MQTLlavaAdapter, patch_mqt_llava
 from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration, MQTLlavaModel
 from .output import MatryoshkaCausalLMOutput
 from .processor import processor_at_scale
 from .state import PatchState, is_patched, patch_state
 
-PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava}
+PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava, "mqt_llava": patch_mqt_llava}
 
 
 def patch(model: torch.nn.Module, **options) -> torch.nn.Module:
@@ -30,6 +31,8 @@ __all__ = [
     "LLAVA",
     "PATCHES",
     "LlavaAdapter",
+    "MQT_LLAVA",
+    "MQTLlavaAdapter",
     "MQTLlavaConfig",
     "MQTLlavaForConditionalGeneration",
     "MQTLlavaModel",
@@ -39,6 +42,7 @@ __all__ = [
     "is_patched",
     "patch",
     "patch_llava",
+    "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",
     "scaled_inputs",

@@ -127,9 +127,7 @@ def _check_training_inputs(model, scale, kwargs: dict) -> None:
         if kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported by the fastnest training step; pass input_ids and pixel_values")
     if scale is not None:
-        raise ValueError(
-            f"scale={scale} is for inference; training always runs every scale {patch_state(model).spec.scales}"
-        )
+        raise ValueError(f"scale={scale} is for inference; training runs the token counts the model was patched with")
 
 
 def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, scale=None, **kwargs):
