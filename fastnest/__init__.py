@@ -21,12 +21,16 @@ from .version import __version__
 
 _HF_NAMES = (
     "PATCHES",
+    "MQTLlavaConfig",
+    "MQTLlavaForConditionalGeneration",
     "MatryoshkaCausalLMOutput",
     "PatchState",
     "patch",
     "patch_llava",
+    "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",
+    "processor_for_queries",
     "scaled_inputs",
     "set_scale",
     "unpatch",

@@ -88,3 +88,27 @@ def test_count_outside_range_refused(bad):
     batch = make_batch(ref, [[10, IMG, 20]], tokens_per_image=M)
     with pytest.raises(ValueError, match=rf"token count {bad} is not configured; configured counts: 1\.\.{M}"):
         fast(**batch.inputs(labels=False), scale=bad)
+
+
+def test_processor_for_queries_end_to_end():
+    pytest.importorskip("PIL.Image")
+    from PIL import Image
+
+    from tests.test_llava_processor import make_processor
+
+    torch.manual_seed(0)
+    ref = tiny_mqt_llava(num_queries=M, grid=24, image_token_id=2).eval()
+    fast = fastnest.patch(copy.deepcopy(ref), num_tokens=(M,)).eval()
+    processor = fastnest.processor_for_queries(make_processor(), M)
+    inputs = processor(
+        images=Image.new("RGB", (90, 60), (200, 30, 40)),
+        text="USER: <image> what colour ? ASSISTANT:",
+        return_tensors="pt",
+    )
+    assert int((inputs["input_ids"] == 2).sum()) == M
+    out = fast.generate(**inputs, scale=4, max_new_tokens=STEPS, do_sample=False)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    (embeds,), _ = count_rows(ref, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], labels, 4)
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == reference_greedy(ref, embeds.detach(), STEPS)
+    with pytest.raises(ValueError, match=r"num_queries = s² with s dividing the crop side 336, got 25"):
+        fastnest.processor_for_queries(make_processor(), 25)

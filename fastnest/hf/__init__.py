@@ -13,7 +13,7 @@ from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
 from .mqt import MQT_LLAVA, MQTLlavaAdapter, patch_mqt_llava
 from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration, MQTLlavaModel
 from .output import MatryoshkaCausalLMOutput
-from .processor import processor_at_scale
+from .processor import processor_at_scale, processor_for_queries
 from .state import PatchState, is_patched, patch_state
 
 PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava, "mqt_llava": patch_mqt_llava}
@@ -45,6 +45,7 @@ __all__ = [
     "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",
+    "processor_for_queries",
     "scaled_inputs",
     "set_scale",
     "unpatch",

@@ -78,13 +78,32 @@ class CountDraw:
         return f"CountDraw(k={self.k}, from {self.choices[0]}..{self.choices[-1]})"
 
 
+def check_same_seed(seed: int) -> None:
+    """With torch.distributed initialised, every process must draw from the same seed: ValueError otherwise."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    bounds = torch.tensor([seed, -seed], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MIN)
+    low, high = int(bounds[0]), -int(bounds[1])
+    if low != high:
+        raise ValueError(
+            f"seed differs across processes (from {low} to {high}; this one {seed}): the per-step token counts "
+            "would differ; pass the same seed on every process"
+        )
+
+
 def _draw(num_queries: int, num_tokens, seed: int) -> CountDraw | QueryCounts:
     """The training counts: a fixed ``QueryCounts`` for a tuple of ints, else a per-step draw."""
     choices = released_counts(num_queries)
-    if num_tokens == "released":
-        return CountDraw(num_queries, choices, 1, seed)
-    if isinstance(num_tokens, tuple) and len(num_tokens) == 2 and num_tokens[0] == "random":
-        return CountDraw(num_queries, choices, num_tokens[1], seed)
+    if num_tokens == "released" or (
+        isinstance(num_tokens, tuple) and len(num_tokens) == 2 and num_tokens[0] == "random"
+    ):
+        check_same_seed(seed)
+        return CountDraw(num_queries, choices, 1 if num_tokens == "released" else num_tokens[1], seed)
     if isinstance(num_tokens, Sequence) and not isinstance(num_tokens, str):
         return QueryCounts(num_queries, num_tokens)  # ValueError naming a count outside 1..M
     raise ValueError(
@@ -106,7 +125,8 @@ def patch_mqt_llava(
     ``num_tokens``: ``(m1, ..., mk)`` trains every listed count in each step (loss = mean of their token-mean
     losses; the connector runs once with M queries); ``"released"`` one count per step from {2, 4, ..., M},
     as the release (but drawn by a generator seeded with ``seed``, the same on every process: the release's
-    ``random.choice`` is per process and unsynchronised); ``("random", k)`` k distinct counts per step from
+    ``random.choice`` is per process and unsynchronised; checked equal across processes when torch.distributed
+    is initialised); ``("random", k)`` k distinct counts per step from
     that set, trained together. Stage 1 is ``num_tokens=(M,)``. Inference: ``model(..., scale=m)`` /
     ``generate(..., scale=m)`` for any ``1 <= m <= M`` (one, or one per image; default M). ``attention``,
     ``share_prefix``, ``backend``: as for ``patch_llava`` (the backend serves the fused loss).

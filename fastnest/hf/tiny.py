@@ -69,10 +69,12 @@ def tiny_mqt_llava(
     hidden: int = 64,
     layers: int = 2,
     vocab: int = 384,
+    image_token_id: int | None = None,
     attn_implementation: str = "sdpa",
 ):
     """A small MQT-LLaVA (``fastnest.hf.MQTLlavaForConditionalGeneration``): the tiny LLaVA's tower and Llama
-    with a query transformer of ``num_queries`` queries in place of the projector."""
+    with a query transformer of ``num_queries`` queries in place of the projector; the image placeholder
+    token defaults to the last vocabulary id."""
     from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration
 
     base = tiny_llava(
@@ -83,7 +85,7 @@ def tiny_mqt_llava(
     config = MQTLlavaConfig(
         vision_config=base.vision_config,
         text_config=text,
-        image_token_id=vocab - 1,
+        image_token_id=vocab - 1 if image_token_id is None else image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         num_queries=num_queries,
