@@ -140,3 +140,15 @@ def test_bad_num_tokens_refused(num_tokens, match):
 def test_patch_llava_refuses_an_mqt_model():
     with pytest.raises(TypeError, match="model_type 'llava'.*'mqt_llava'"):
         fastnest.patch_llava(build())
+
+
+def test_copies_keep_the_draw_and_unpatch_restores():
+    model = fastnest.patch(build(), num_tokens="released", seed=4)
+    twin = copy.deepcopy(model)
+    assert [patch_state(twin).training_spec().scales for _ in range(10)] == [
+        patch_state(model).training_spec().scales for _ in range(10)
+    ]
+    fixed = fastnest.patch(build(), num_tokens=(2, 5))
+    assert patch_state(copy.deepcopy(fixed)).training_spec().scales == (2, 5)
+    fastnest.unpatch(fixed)
+    assert not fastnest.hf.is_patched(fixed) and "forward" not in fixed.__dict__

@@ -7,6 +7,7 @@ count of the step in ONE packed language-model pass; inference shows each image 
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 
@@ -78,6 +79,10 @@ class CountDraw:
         return f"CountDraw(k={self.k}, from {self.choices[0]}..{self.choices[-1]})"
 
 
+def _same(counts: QueryCounts) -> QueryCounts:
+    return counts
+
+
 def check_same_seed(seed: int) -> None:
     """With torch.distributed initialised, every process must draw from the same seed: ValueError otherwise."""
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -138,7 +143,7 @@ def patch_mqt_llava(
     check_backend("attention", attention)
     num_queries = MQT_LLAVA.num_queries(model)
     training = _draw(num_queries, num_tokens, seed)
-    draw = training if isinstance(training, CountDraw) else (lambda: training)
+    draw = training if isinstance(training, CountDraw) else functools.partial(_same, training)
     every = QueryCounts(num_queries, range(1, num_queries + 1))  # inference: any count the connector allows
     state = PatchState(MQT_LLAVA, every, num_queries, backend, attention, bool(share_prefix), draw=draw)
     return install(model, state)
