@@ -9,7 +9,9 @@ LayerNormed positional table resized to the grid, so the attention weights do no
 image enters through the values only). ``keys="features"`` is the cross-attention the paper describes (as in
 the Qwen-VL resampler it derives from): keys = LN(features + positions). Parameter names are the release's
 (``query``, ``pos_embed``, ``attn``, ``ln_q``, ``ln_k``, ``ln_v``, ``proj``), so its
-``model.query_abstractor.*`` weights load as they are.
+``model.query_abstractor.*`` weights load as they are; ``attn`` (an ``nn.MultiheadAttention``) holds the
+attention's weights, and the forward computes its attention with them (without a key padding mask or
+added key/value biases), projecting what does not depend on the image once per call.
 """
 
 from __future__ import annotations
@@ -122,15 +124,27 @@ class MatryoshkaQueryTransformer(nn.Module):
         dtype = self.query.dtype
         x = features.to(dtype)
         pos = self.pos_embed.to(dtype)
-        q = self.ln_q(self.query[:m] + pos[:m])  # [m, D]
+        w_q, w_k, w_v = self.attn.in_proj_weight.to(dtype).chunk(3)
+        b_q, b_k, b_v = self.attn.in_proj_bias.to(dtype).chunk(3)
         grid_pos = resize_positions(pos, self.grid)  # [grid², D]
-        v = self.ln_v(x).transpose(0, 1)  # [grid², N, D] (MultiheadAttention is sequence-first)
-        if self.keys == "positional":
-            k = self.ln_k(grid_pos)[:, None].expand(-1, x.shape[0], -1)
-        else:
-            k = self.ln_k(x + grid_pos).transpose(0, 1)
-        out, _ = self.attn(q[:, None].expand(-1, x.shape[0], -1), k, v, need_weights=False)
-        return out.transpose(0, 1) @ self.proj.to(dtype)
+        # Queries (and, with positional keys, the keys) do not depend on the image: projected once per call.
+        q = F.linear(self.ln_q(self.query[:m] + pos[:m]), w_q, b_q)[None]
+        key_in = grid_pos[None] if self.keys == "positional" else x + grid_pos
+        k = F.linear(self.ln_k(key_in), w_k, b_k)
+        v = F.linear(self.ln_v(x), w_v, b_v)
+        n = x.shape[0]
+        heads = [self._heads(t, n) for t in (q, k, v)]
+        dropout = self.attn.dropout if self.training else 0.0
+        mixed = F.scaled_dot_product_attention(*heads, dropout_p=dropout)  # [N, heads, m, d]
+        out_proj = self.attn.out_proj
+        out = F.linear(
+            mixed.transpose(1, 2).reshape(n, m, self.vision_dim), out_proj.weight.to(dtype), out_proj.bias.to(dtype)
+        )
+        return out @ self.proj.to(dtype)
+
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """``[1 or N, L, D] -> [N, heads, L, D / heads]`` (a shared tensor is expanded, not copied)."""
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2).expand(n, -1, -1, -1)
 
     def extra_repr(self) -> str:
         return (
