@@ -50,10 +50,11 @@ def build_model(vocab: int = 32000):
     ).train()
 
 
-def build_batch(model, batch_size: int = 4, seed: int = 0):
+def build_batch(model, batch_size: int = 4, seed: int = 0, tokens_per_image: int | None = None):
     """Rows of 40-400 text tokens: a 35-token system prompt, the image, a question, then the answer.
 
     As in LLaVA instruction tuning, labels cover the answer only (the last half of the post-image text).
+    ``tokens_per_image``: placeholders per image (default the tower's grid², as LLaVA's processor).
     """
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -62,7 +63,7 @@ def build_batch(model, batch_size: int = 4, seed: int = 0):
         after = text - SYSTEM_PROMPT if text > SYSTEM_PROMPT + 2 else 2
         question = after // 2
         rows.append([SYSTEM_PROMPT, IMG, question, after - question])
-    return make_batch(model, rows, seed=seed)
+    return make_batch(model, rows, seed=seed, tokens_per_image=tokens_per_image)
 
 
 def build_prefix_batch(model, batch_size: int = 4, seed: int = 0):

@@ -6,27 +6,31 @@ imported on first use of one of its names.
 """
 
 from .attention import VarlenInfo, varlen_attention
-from .connectors import MatryoshkaProjector
+from .connectors import MatryoshkaProjector, MatryoshkaQueryTransformer
 from .constants import DEFAULT_SCALES, IGNORE_INDEX
-from .layout import ImageLayout, pooled_grid
+from .layout import ImageLayout, pooled_grid, query_prefix
 from .ops.cross_entropy.function import fused_linear_cross_entropy
 from .ops.cross_entropy.naive import grouped_cross_entropy
 from .ops.pooling.naive import multiscale_pool
 from .ops.projector.function import matryoshka_project
 from .packing import PackedSequences, pack_sequences, pad_packed
 from .plan import MatryoshkaPlan, plan_matryoshka
-from .scales import MatryoshkaScales, allowed_scales
+from .scales import MatryoshkaScales, QueryCounts, allowed_scales
 from .step import StepOutput, packed_step
 from .version import __version__
 
 _HF_NAMES = (
     "PATCHES",
+    "MQTLlavaConfig",
+    "MQTLlavaForConditionalGeneration",
     "MatryoshkaCausalLMOutput",
     "PatchState",
     "patch",
     "patch_llava",
+    "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",
+    "processor_for_queries",
     "scaled_inputs",
     "set_scale",
     "unpatch",
@@ -48,8 +52,10 @@ __all__ = [
     "ImageLayout",
     "MatryoshkaPlan",
     "MatryoshkaProjector",
+    "MatryoshkaQueryTransformer",
     "MatryoshkaScales",
     "PackedSequences",
+    "QueryCounts",
     "StepOutput",
     "VarlenInfo",
     "allowed_scales",
@@ -62,6 +68,7 @@ __all__ = [
     "pad_packed",
     "plan_matryoshka",
     "pooled_grid",
+    "query_prefix",
     "varlen_attention",
     *_HF_NAMES,
 ]

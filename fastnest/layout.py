@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .scales import MatryoshkaScales
+from .scales import MatryoshkaScales, QueryCounts
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +53,15 @@ def pooled_grid(spec: MatryoshkaScales) -> ImageLayout:
     ``spec.scales`` order (``matryoshka_project``'s output); scale ``k`` is its block, row-major."""
     tokens = tuple(torch.arange(off, off + s) for s, off in zip(spec.scales, spec.offsets))
     return ImageLayout(placeholders=spec.tokens_per_image, rows=spec.total, tokens=tokens)
+
+
+@functools.cache
+def query_prefix(num_queries: int, counts: tuple[int, ...]) -> ImageLayout:
+    """A query transformer's image: ``num_queries`` (M) placeholders and M rows (its query outputs, in query
+    order); count ``k`` is the first ``counts[k]`` rows (the outputs are nested: the first m of M are the
+    m-query outputs)."""
+    spec = QueryCounts(num_queries, counts)  # ValueError naming the count outside 1..M
+    return ImageLayout(placeholders=num_queries, rows=num_queries, tokens=tuple(torch.arange(m) for m in spec.scales))
 
 
 def check_layouts(layouts: Sequence[ImageLayout]) -> int:

@@ -1,7 +1,9 @@
-"""Matryoshka scale sets of a pooled grid: which visual-token counts it can be average-pooled to.
+"""Token-count sets, validated by the connector that produces them.
 
-Token counts are validated by the connector that produces them: a pooled square grid allows the counts whose
-kernel divides the grid (``MatryoshkaScales``); the plan and the layouts take any count a connector gives.
+A pooled square grid allows the counts whose kernel divides the grid (``MatryoshkaScales``); a query
+transformer with ``M`` queries allows any count ``1..M`` (``QueryCounts``). Both keep their order (the order
+of per-scale losses) and offer ``scales``, ``index``, ``only`` and ``tokens_per_image``: the patch code takes
+either (``TokenCounts``). The plan and the layouts take any count a connector gives.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from .constants import DEFAULT_SCALES
 
-__all__ = ["DEFAULT_SCALES", "MatryoshkaScales", "allowed_scales"]
+__all__ = ["DEFAULT_SCALES", "MatryoshkaScales", "QueryCounts", "TokenCounts", "allowed_scales"]
 
 
 def _is_int(value: object) -> bool:
@@ -86,3 +88,49 @@ class MatryoshkaScales:
         """The single-scale set used at inference."""
         self.index(scale)
         return MatryoshkaScales(self.grid, (scale,))
+
+
+@dataclass(frozen=True)
+class QueryCounts:
+    """A validated set of token counts for a query transformer with ``num_queries`` (M) queries: any distinct
+    counts in ``1..M``, order kept. Count ``m`` keeps the first ``m`` query outputs; an image occupies ``M``
+    placeholder tokens in the caller's ``input_ids``."""
+
+    num_queries: int
+    scales: tuple[int, ...]
+
+    def __init__(self, num_queries: int, scales: Iterable[int]) -> None:
+        scales = tuple(scales)
+        if not _is_int(num_queries) or num_queries < 1:
+            raise ValueError(f"num_queries must be a positive int, got {num_queries!r}")
+        if not scales:
+            raise ValueError(f"token counts must not be empty; allowed: any of 1..{num_queries}")
+        for s in scales:
+            if not _is_int(s) or not 1 <= s <= num_queries:
+                raise ValueError(
+                    f"token count {s!r} is not allowed by a query transformer with {num_queries} queries; "
+                    f"allowed: ints in 1..{num_queries}"
+                )
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"token counts must be distinct, got {scales}")
+        object.__setattr__(self, "num_queries", num_queries)
+        object.__setattr__(self, "scales", scales)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.num_queries
+
+    def index(self, scale: int) -> int:
+        """Position of ``scale`` in ``scales``; ValueError naming the configured counts otherwise."""
+        if not _is_int(scale) or scale not in self.scales:
+            shown = f"1..{self.num_queries}" if self.scales == tuple(range(1, self.num_queries + 1)) else self.scales
+            raise ValueError(f"token count {scale!r} is not configured; configured counts: {shown}")
+        return self.scales.index(scale)
+
+    def only(self, scale: int) -> QueryCounts:
+        """The single-count set used at inference."""
+        self.index(scale)
+        return QueryCounts(self.num_queries, (scale,))
+
+
+TokenCounts = MatryoshkaScales | QueryCounts

@@ -20,7 +20,7 @@ sys.meta_path.insert(0, BlockTransformers())
 import torch
 import fastnest
 from fastnest import (
-    MatryoshkaProjector, MatryoshkaScales, VarlenInfo, fused_linear_cross_entropy, grouped_cross_entropy,
+    MatryoshkaProjector, MatryoshkaQueryTransformer, MatryoshkaScales, VarlenInfo, fused_linear_cross_entropy, grouped_cross_entropy,
     matryoshka_project, multiscale_pool, plan_matryoshka, varlen_attention,
 )
 
@@ -31,6 +31,7 @@ x = torch.randn(2, 16, 8, requires_grad=True)
 pooled = matryoshka_project(x, mlp, spec)
 torch.testing.assert_close(pooled, multiscale_pool(mlp(x), spec), rtol=1e-5, atol=1e-6)
 assert MatryoshkaProjector(mlp, 4, (1, 4, 16))(x).shape == (2, 21, 6)
+assert MatryoshkaQueryTransformer(8, 6, num_queries=9, num_heads=2, grid=4)(x, 5).shape == (2, 5, 6)
 ids = torch.tensor([[5, *[9] * 16, 6, 7]])
 plan = plan_matryoshka(ids, None, ids.clone().masked_fill(ids == 9, -100), image_token_id=9, spec=spec, num_images=1)
 q = torch.randn(plan.packed.total, 2, 4)

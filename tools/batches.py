@@ -25,14 +25,22 @@ class Batch:
         return out
 
 
-def make_batch(model, rows: list[list], padding_side: str = "right", seed: int = 0, answer_only: bool = True) -> Batch:
-    """``rows``: per row, a list of segments: an int ``n`` (n random text tokens) or ``IMG`` (one image).
+def make_batch(
+    model,
+    rows: list[list],
+    padding_side: str = "right",
+    seed: int = 0,
+    answer_only: bool = True,
+    tokens_per_image: int | None = None,
+) -> Batch:
+    """``rows``: per row, a list of segments: an int ``n`` (n random text tokens) or ``IMG`` (one image of
+    ``tokens_per_image`` placeholders; default: the tower's grid², as LLaVA's processor).
 
     Labels: the last text segment of each row (the "answer"), or every text token with ``answer_only=False``.
     """
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    tpi = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    tpi = tokens_per_image or (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     image_id = cfg.image_token_id
     ids, labs, n_images = [], [], 0
     for segments in rows:

@@ -1,5 +1,5 @@
 """Hugging Face models: one adapter per model family, the attention hook, patch/unpatch, and a registry from
-``config.model_type`` to the family's patch function."""
+``config.model_type`` to the family's patch function. Importing it registers the ``mqt_llava`` model type."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch
 from .adapter import ModelAdapter
 from .inference import scaled_inputs
 from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
+from .mqt import MQT_LLAVA, MQTLlavaAdapter, patch_mqt_llava
+from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration, MQTLlavaModel
 from .output import MatryoshkaCausalLMOutput
-from .processor import processor_at_scale
+from .processor import processor_at_scale, processor_for_queries
 from .state import PatchState, is_patched, patch_state
 
-PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava}
+PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava, "mqt_llava": patch_mqt_llava}
 
 
 def patch(model: torch.nn.Module, **options) -> torch.nn.Module:
@@ -29,14 +31,21 @@ __all__ = [
     "LLAVA",
     "PATCHES",
     "LlavaAdapter",
+    "MQT_LLAVA",
+    "MQTLlavaAdapter",
+    "MQTLlavaConfig",
+    "MQTLlavaForConditionalGeneration",
+    "MQTLlavaModel",
     "MatryoshkaCausalLMOutput",
     "ModelAdapter",
     "PatchState",
     "is_patched",
     "patch",
     "patch_llava",
+    "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",
+    "processor_for_queries",
     "scaled_inputs",
     "set_scale",
     "unpatch",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..layout import ImageLayout
-from ..scales import MatryoshkaScales
+from ..scales import TokenCounts
 
 PARTS = ("vision", "projector", "lm")  # the parameter groups of every adapter
 
@@ -44,7 +44,7 @@ class ModelAdapter:
         raise NotImplementedError
 
     def image_layouts(
-        self, model: nn.Module, spec: MatryoshkaScales, pixel_values: torch.Tensor | None
+        self, model: nn.Module, spec: TokenCounts, pixel_values: torch.Tensor | None
     ) -> Sequence[ImageLayout]:
         raise NotImplementedError
 
@@ -63,7 +63,7 @@ class ModelAdapter:
         raise NotImplementedError
 
     def connector_rows(
-        self, model: nn.Module, features: torch.Tensor, spec: MatryoshkaScales, backend: str | None
+        self, model: nn.Module, features: torch.Tensor, spec: TokenCounts, backend: str | None
     ) -> torch.Tensor:
         """``[images, rows, D]``: every image's rows (``image_layouts`` index them), from its features."""
         raise NotImplementedError

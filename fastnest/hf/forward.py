@@ -13,7 +13,7 @@ from torch.profiler import record_function
 from ..attention import VarlenInfo
 from ..constants import IGNORE_INDEX
 from ..ops.cross_entropy.function import fused_linear_cross_entropy
-from ..scales import MatryoshkaScales
+from ..scales import TokenCounts
 from ..step import StepOutput, packed_step
 from . import attention as hf_attention
 from . import inference
@@ -26,7 +26,7 @@ VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "ima
 class BoundModel:
     """A patched model seen through its adapter at one scale set: what ``fastnest.step`` needs of it."""
 
-    def __init__(self, model, state: PatchState, spec: MatryoshkaScales, vision_options: dict | None = None):
+    def __init__(self, model, state: PatchState, spec: TokenCounts, vision_options: dict | None = None):
         self.model, self.state, self.spec = model, state, spec
         self.adapter = state.adapter
         self.vision_options = {k: v for k, v in (vision_options or {}).items() if v is not None}
@@ -57,13 +57,14 @@ def _pop_vision_options(kwargs: dict) -> dict:
 
 
 def packed_pass(
-    model, input_ids, attention_mask, labels, pixel_values, *, share_prefix=None, vision_options=None
+    model, input_ids, attention_mask, labels, pixel_values, *, share_prefix=None, vision_options=None, spec=None
 ) -> tuple[PatchState, StepOutput]:
-    """A patched model's packed multi-scale pass (``fastnest.step.packed_step``) with its patch's scales,
-    backends and (unless given) shared-prefix setting: the training step's and the analysis's."""
+    """A patched model's packed multi-scale pass (``fastnest.step.packed_step``) with its patch's backends,
+    the given scales (default: the patch's) and (unless given) shared-prefix setting: the training step's
+    and the analysis's."""
     state = patch_state(model)
     step = packed_step(
-        BoundModel(model, state, state.spec, vision_options),
+        BoundModel(model, state, state.spec if spec is None else spec, vision_options),
         input_ids,
         attention_mask,
         labels,
@@ -79,9 +80,14 @@ def training_step(model, input_ids, attention_mask, pixel_values, labels, *, num
     """The packed all-scale step of a patched model and its loss (``MatryoshkaCausalLMOutput``)."""
     if num_items is not None and not float(num_items) > 0:
         raise ValueError(f"num_items_in_batch must be a positive count of target tokens, got {num_items}")
-    state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, vision_options=vision_options)
-    loss, per_scale = _answer_loss(state.adapter.lm_head(model), step, len(state.spec.scales), num_items, state)
-    return MatryoshkaCausalLMOutput(loss=loss, scale_losses=per_scale.detach(), lm_tokens=step.lm_tokens)
+    spec = patch_state(model).training_spec()  # the patch's scales, or this step's drawn token counts
+    state, step = packed_pass(
+        model, input_ids, attention_mask, labels, pixel_values, vision_options=vision_options, spec=spec
+    )
+    loss, per_scale = _answer_loss(state.adapter.lm_head(model), step, len(spec.scales), num_items, state)
+    return MatryoshkaCausalLMOutput(
+        loss=loss, scale_losses=per_scale.detach(), lm_tokens=step.lm_tokens, scales=spec.scales
+    )
 
 
 def _answer_loss(head, step: StepOutput, num_scales: int, num_items, state: PatchState):
@@ -123,9 +129,7 @@ def _check_training_inputs(model, scale, kwargs: dict) -> None:
         if kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported by the fastnest training step; pass input_ids and pixel_values")
     if scale is not None:
-        raise ValueError(
-            f"scale={scale} is for inference; training always runs every scale {patch_state(model).spec.scales}"
-        )
+        raise ValueError(f"scale={scale} is for inference; training runs the token counts the model was patched with")
 
 
 def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, scale=None, **kwargs):

@@ -165,9 +165,11 @@ def image_features(
     pooled: list[torch.Tensor | None] = [None] * len(scales)
     for s in dict.fromkeys(scales):
         pick = [i for i, si in enumerate(scales) if si == s]
-        rows = state.adapter.connector_rows(model, feats[pick], state.spec.only(s), state.backend)
-        for j, i in enumerate(pick):
-            pooled[i] = rows[j]
+        only = state.spec.only(s)
+        rows = state.adapter.connector_rows(model, feats[pick], only, state.backend)
+        layouts = state.adapter.image_layouts(model, only, pixel_values[pick])
+        for j, i in enumerate(pick):  # an image's features at s: its rows at its layout's tokens
+            pooled[i] = rows[j][layouts[j].tokens[0].to(rows.device)]
     return BaseModelOutputWithPooling(
         last_hidden_state=outputs.last_hidden_state,
         pooler_output=pooled,

@@ -141,8 +141,12 @@ def patch_llava(
     ``backend`` forces the kernels of fastnest's projector and loss ("triton", "native", "torch"; None/"auto":
     Triton on CUDA, the native extension on CPU when built, else PyTorch); an unavailable one raises when run.
     """
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"patch_llava expects a LlavaForConditionalGeneration, got {type(model).__name__}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model, LlavaForConditionalGeneration) or model_type != "llava":
+        raise TypeError(
+            f"patch_llava expects a LlavaForConditionalGeneration of model_type 'llava', got {type(model).__name__} "
+            f"({model_type!r}); fastnest.patch picks the patch for a model's type"
+        )
     if isinstance(scales, (int, str, bytes)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"scales must be a sequence of ints such as {DEFAULT_SCALES}, got {scales!r}")
     if backend not in (None, "auto"):
@@ -160,9 +164,14 @@ def patch_llava(
             "(fastnest analyze) runs here, a training step will be refused (use attention='sdpa' or 'auto' to train)",
             stacklevel=2,
         )
-    set_state(model, PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix)))
-    hf_attention.route(LLAVA.language_model(model))
-    inner = LLAVA.multimodal(model)
+    return install(model, PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix)))
+
+
+def install(model: torch.nn.Module, state: PatchState) -> torch.nn.Module:
+    """Attach ``state`` and replace the instance's forward, generate and get_image_features (any adapter)."""
+    set_state(model, state)
+    hf_attention.route(state.adapter.language_model(model))
+    inner = state.adapter.multimodal(model)
     inner.get_image_features = types.MethodType(image_features, inner)
     model.forward = _bind(model, patched_forward, type(model).forward)
     model.generate = _bind(model, patched_generate, type(model).generate)

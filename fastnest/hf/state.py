@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..scales import MatryoshkaScales
+from ..scales import TokenCounts
 
 if TYPE_CHECKING:
     from .adapter import ModelAdapter
@@ -17,15 +18,21 @@ _ATTRIBUTE = "_fastnest"
 
 @dataclass(frozen=True)
 class PatchState:
-    """How a model is patched: its family's adapter, the scales it trains on, the default inference scale,
-    and the backends of its packed pass."""
+    """How a model is patched: its family's adapter, its scales (the token counts inference allows, and the
+    ones training runs unless ``draw`` picks them per step), the default inference scale, and the backends of
+    its packed pass."""
 
     adapter: ModelAdapter
-    spec: MatryoshkaScales
+    spec: TokenCounts
     scale: int  # default inference scale
     backend: str | None  # kernels of fastnest's own ops (fastnest.dispatch); None: chosen per device
     attention: str  # backend of the packed forward ("auto" or a name in fastnest.dispatch.OPS["attention"])
     share_prefix: bool
+    draw: Callable[[], TokenCounts] | None = None  # the counts of the next training step (None: ``spec``)
+
+    def training_spec(self) -> TokenCounts:
+        """The token counts the next training step runs (drawn anew per call when ``draw`` is set)."""
+        return self.spec if self.draw is None else self.draw()
 
     def with_scale(self, scale: int) -> PatchState:
         self.spec.index(scale)

@@ -55,3 +55,42 @@ def tiny_llava(
     )
     config._attn_implementation = attn_implementation
     return LlavaForConditionalGeneration(config)
+
+
+def tiny_mqt_llava(
+    *,
+    num_queries: int = 16,
+    query_heads: int = 4,
+    query_keys: str = "positional",
+    grid: int = 6,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 384,
+    image_token_id: int | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """A small MQT-LLaVA (``fastnest.hf.MQTLlavaForConditionalGeneration``): the tiny LLaVA's tower and Llama
+    with a query transformer of ``num_queries`` queries in place of the projector; the image placeholder
+    token defaults to the last vocabulary id."""
+    from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration
+
+    base = tiny_llava(
+        grid=grid, patch_size=patch_size, vision_hidden=vision_hidden, vision_layers=vision_layers, hidden=hidden
+    ).config
+    text = base.text_config
+    text.num_hidden_layers, text.vocab_size = layers, vocab
+    config = MQTLlavaConfig(
+        vision_config=base.vision_config,
+        text_config=text,
+        image_token_id=vocab - 1 if image_token_id is None else image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        num_queries=num_queries,
+        query_heads=query_heads,
+        query_keys=query_keys,
+    )
+    config._attn_implementation = attn_implementation
+    return MQTLlavaForConditionalGeneration(config)
