@@ -96,8 +96,8 @@ def _answer_loss(head, step: StepOutput, num_scales: int, num_items, state: Patc
         return fused_linear_cross_entropy(
             step.hidden.to(device),
             head.weight,
-            step.packed.targets.to(device),
-            step.packed.target_group.to(device),
+            step.plan.packed.targets,  # the host copy: checked there without a device sync
+            step.plan.packed.target_group,
             num_scales,
             bias=head.bias,
             num_items=num_items,

@@ -85,8 +85,9 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> 
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [d.local_rank] if d.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # device_ids=None (allowed for a module on one device): DDP would copy every input to that device, and
+        # the patched step plans input_ids/attention_mask/labels on the host (update.images_to_device).
+        return DistributedDataParallel(model, device_ids=None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
