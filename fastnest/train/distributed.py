@@ -79,7 +79,11 @@ def resolve_strategy(strategy: str, d: Dist) -> str:
 
 def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> torch.nn.Module:
     """DDP, or FSDP2 with every unit of the model's adapter (decoder and encoder layers) its own shard group,
-    plus the root."""
+    plus the root.
+
+    FSDP2 takes the model on the host: ``fully_shard`` moves each unit to ``d.device`` and keeps this process's
+    shard of it, so the device never holds more than the shards plus one unit (the root's own parameters, the
+    embeddings and the head, being the largest); the host copy of each unit is freed as it is sharded."""
     if strategy == "none":
         return model
     if strategy == "ddp":

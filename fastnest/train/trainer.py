@@ -122,10 +122,12 @@ def _load(cfg: TrainConfig, resume_from: Path | None):
     return model, processor
 
 
-def _prepare(model, cfg: TrainConfig, d: distributed.Dist) -> None:
-    """Freeze what gets no gradient, move to the device, checkpointing, train mode."""
+def _prepare(model, cfg: TrainConfig, d: distributed.Dist, strategy: str) -> None:
+    """Freeze what gets no gradient, move to the device (FSDP2: not here; ``distributed.wrap`` moves the
+    shards), checkpointing, train mode."""
     patch_state(model).adapter.freeze_unread_vision(model)
-    model.to(d.device)
+    if strategy != "fsdp":
+        model.to(d.device)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -146,7 +148,7 @@ def _setup(cfg: TrainConfig, d: distributed.Dist) -> _Run:
     _seed_everything(cfg.seed)
     model, processor = _load(cfg, resume_from)
     state = patch_state(model)
-    _prepare(model, cfg, d)
+    _prepare(model, cfg, d, strategy)
     world_batch = cfg.batch_size * d.world * cfg.grad_accum
     bad_load = BadSamples(cfg.on_bad_sample, quiet=not d.main)
     examples, shuffle = _examples(cfg, (cfg.steps or DEFAULT_STEPS) * world_batch, bad_load)
