@@ -4,6 +4,8 @@ and the update (applied only when the non-finite guard allows it)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,8 @@ from ..constants import IGNORE_INDEX
 from ..hf import patch_state
 from .data_llava import count_targets
 from .guards import grad_norm
+
+log = logging.getLogger("fastnest.train")
 
 
 @dataclass
@@ -58,10 +62,13 @@ def forward_backward(run, step: int, autocast, trainable) -> StepStats:
             inputs = images_to_device(inputs, d.device)
             with autocast:
                 out = run.wrapped(**inputs, num_items_in_batch=num_items)
-            (out.loss * d.world).backward()
+            loss = out.loss * d.world
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         loss_sum += out.loss.detach().double().to(d.device)
         scale_sum += out.scale_losses.double().to(d.device)
         tokens += out.lm_tokens
+    if num_items and run.scaler is not None:
+        run.scaler.unscale()  # the norm, the clipping and the update see the true gradients
     norm = grad_norm(trainable, cfg.max_grad_norm) if num_items else None
     return _read_stats(d, loss_sum, scale_sum, tokens, norm, int(num_items))
 
@@ -86,12 +93,33 @@ def _read_stats(d, loss_sum: torch.Tensor, scale_sum: torch.Tensor, tokens: int,
     return StepStats(host[0], host[1:-2], int(host[-2]), host[-1], num_items)
 
 
+def decide(run, step: int, stats: StepStats) -> bool:
+    """Whether to apply this step's update: not without targets, not after an fp16 overflow (the scaler lowers
+    its scale: not a fault), not when non-finite (the guard skips, or stops with ``NonFiniteError``)."""
+    if stats.num_items == 0:
+        log.warning("step %d: every row of the global batch was skipped; no update", step + 1)
+        return False
+    if run.scaler is not None and math.isfinite(stats.loss) and not math.isfinite(stats.grad_norm):
+        log.warning("step %d: fp16 gradients overflowed: update skipped, the loss scale lowered", step + 1)
+        return False
+    last = str(run.last_saved) if run.last_saved is not None else None
+    apply = run.guard.check(step + 1, stats.loss, stats.grad_norm, last)
+    if not apply:
+        log.warning(
+            "step %d: loss %s, gradient norm %s not finite: update skipped (%d in a row, --max-nonfinite-skips %d)",
+            step + 1, stats.loss, stats.grad_norm, run.guard.in_a_row, run.guard.max_skips,
+        )  # fmt: skip
+    return apply
+
+
 def finish_step(run, apply: bool) -> None:
     """Apply the gradients (optimizer and schedule step) when ``apply``, else drop them (no update). No host
     sync: the update runs on while the next step is planned (its time counts in the next step's)."""
     if apply:
         run.optimizer.step()
         run.scheduler.step()
+    if run.scaler is not None:
+        run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
 
 
