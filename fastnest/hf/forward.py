@@ -45,7 +45,7 @@ class BoundModel:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed = self.model.get_input_embeddings()
-        return embed(input_ids.to(embed.weight.device))
+        return embed(input_ids.to(embed.weight.device, non_blocking=True))
 
     def language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo) -> torch.Tensor:
         return hf_attention.packed_call(self.adapter.language_model(self.model), embeds, position_ids, info)
