@@ -57,8 +57,9 @@ class StepOutput:
 
 def source_rows(model: StepModel, plan: MatryoshkaPlan, input_ids: torch.Tensor, visual: torch.Tensor | None):
     """The rows the plan indexes: ``[text embeddings; every image's visual rows; one zero row]`` (the zero
-    row pads padded layouts)."""
-    text = model.embed(input_ids[plan.text_mask.to(input_ids.device)])
+    row pads padded layouts). The text tokens are picked on the host, where the plan's mask is (a boolean-mask
+    index on a device waits for it); ``embed`` moves them."""
+    text = model.embed(input_ids.cpu()[plan.text_mask])
     parts = [text] if visual is None else [text, visual.to(text.device, text.dtype)]
     parts.append(text.new_zeros(1, text.shape[-1]))
     return torch.cat(parts)

@@ -45,7 +45,7 @@ class BoundModel:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed = self.model.get_input_embeddings()
-        return embed(input_ids.to(embed.weight.device))
+        return embed(input_ids.to(embed.weight.device, non_blocking=True))
 
     def language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo) -> torch.Tensor:
         return hf_attention.packed_call(self.adapter.language_model(self.model), embeds, position_ids, info)
@@ -102,8 +102,8 @@ def _answer_loss(head, step: StepOutput, num_scales: int, num_items, state: Patc
         return fused_linear_cross_entropy(
             step.hidden.to(device),
             head.weight,
-            step.packed.targets.to(device),
-            step.packed.target_group.to(device),
+            step.plan.packed.targets,  # the host copy: checked there without a device sync
+            step.plan.packed.target_group,
             num_scales,
             bias=head.bias,
             num_items=num_items,

@@ -89,6 +89,7 @@ def save(
     d: Dist,
     keep: int,
     trajectory: dict | None = None,
+    scaler=None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (every process calls this); return its directory."""
     root = run_dir / CHECKPOINTS
@@ -98,10 +99,10 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_run_model(unwrap(model), processor, tmp / "model", settings, state_dict=model_sd)
-        torch.save(
-            {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "progress": progress, "world": d.world},
-            tmp / STATE,
-        )
+        state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "progress": progress, "world": d.world}
+        if scaler is not None:  # --fp16's loss scale and its growth count
+            state["scaler"] = scaler.state_dict()
+        torch.save(state, tmp / STATE)
         if trajectory is not None:  # the options a resume is checked against (resume.py)
             (tmp / TRAJECTORY_FILE).write_text(json.dumps(trajectory, indent=2, default=list) + "\n")
     d.barrier()
@@ -161,8 +162,9 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent
 
 
-def load_state(checkpoint: Path, optimizer, scheduler, strategy: str, model, d: Dist) -> dict:
-    """Restore optimizer, scheduler and this process's RNG; return the saved progress."""
+def load_state(checkpoint: Path, optimizer, scheduler, strategy: str, model, d: Dist, scaler=None) -> dict:
+    """Restore optimizer, scheduler, grad scaler (when both have one) and this process's RNG; return the saved
+    progress."""
     state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False)
     if state["world"] != d.world:
         raise ValueError(
@@ -177,5 +179,7 @@ def load_state(checkpoint: Path, optimizer, scheduler, strategy: str, model, d: 
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(torch.load(checkpoint / f"rng-rank{d.rank}.pt", weights_only=False))
     return state["progress"]

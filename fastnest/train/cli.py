@@ -93,6 +93,12 @@ def _optimisation_options(o, d, default_steps: int) -> None:
         "row are skipped (no update) first (default: %(default)s)",
     )
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast (FSDP2: bf16 parameters, fp32 reduction)")
+    o.add_argument("--fp16", action="store_true", help="float16 autocast with a grad scaler (not with FSDP2)")
+    o.add_argument(
+        "--dtype",
+        default=d.dtype,
+        help="dtype the weights load and train in: float32 (default) or bfloat16 (float16 is refused: use --fp16)",
+    )
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=d.seed)
 
@@ -106,7 +112,7 @@ def _run_options(r, d) -> None:
         type=_parts,
         default=(),
         help="comma-separated options allowed to differ from the checkpoint's on --resume (steps, lr, lr-vision, "
-        "lr-projector, lr-lm, weight-decay, warmup-steps, max-grad-norm, max-length, model, image-folder, bf16); "
+        "lr-projector, lr-lm, weight-decay, warmup-steps, max-grad-norm, max-length, model, image-folder, bf16, fp16, dtype); "
         "recorded in the run",
     )
     r.add_argument(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..constants import DEFAULT_SCALES
 from ..hf.adapter import PARTS
 from .resume import check_override_names
+from .scaling import check_precision
 from .template import SYSTEM_V1
 
 
@@ -32,6 +33,8 @@ class TrainConfig:
     warmup_steps: int = 30
     max_grad_norm: float = 1.0
     bf16: bool = False
+    fp16: bool = False  # fp16 autocast with a grad scaler (fastnest.train.scaling)
+    dtype: str = "float32"  # the weights' dtype when loaded (the master weights): float32 or bfloat16
     gradient_checkpointing: bool = False
     max_length: int = 2048
     save_every: int = 0  # 0: only at the end
@@ -85,6 +88,7 @@ def _check_values(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{_flag(name)} must be a finite number >= 0{off}, got {value}")
+    check_precision(cfg.dtype, cfg.bf16, cfg.fp16)
     cfg.resume_override = tuple(cfg.resume_override)
     check_override_names(cfg.resume_override)
 

@@ -79,14 +79,19 @@ def resolve_strategy(strategy: str, d: Dist) -> str:
 
 def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> torch.nn.Module:
     """DDP, or FSDP2 with every unit of the model's adapter (decoder and encoder layers) its own shard group,
-    plus the root."""
+    plus the root.
+
+    FSDP2 takes the model on the host: ``fully_shard`` moves each unit to ``d.device`` and keeps this process's
+    shard of it, so the device never holds more than the shards plus one unit (the root's own parameters, the
+    embeddings and the head, being the largest); the host copy of each unit is freed as it is sharded."""
     if strategy == "none":
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [d.local_rank] if d.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # device_ids=None (allowed for a module on one device): DDP would copy every input to that device, and
+        # the patched step plans input_ids/attention_mask/labels on the host (update.images_to_device).
+        return DistributedDataParallel(model, device_ids=None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None

@@ -16,17 +16,17 @@ class NonFiniteError(RuntimeError):
     """The run stopped on a non-finite loss, gradient norm or weight; the message says where and what is kept."""
 
 
-def grad_norm(trainable: list[torch.nn.Parameter], max_norm: float) -> float:
-    """The global gradient norm (clipped to ``max_norm`` when it is > 0 and finite; gradients untouched when not
-    finite, since that step is not applied)."""
+def grad_norm(trainable: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor | None:
+    """The global gradient norm as a device tensor (None without gradients), the gradients clipped to
+    ``max_norm`` when it is > 0. No host sync: a non-finite norm leaves non-finite gradients, and that step is
+    not applied (the caller reads the norm with the step's other numbers)."""
     grads = [p.grad for p in trainable if p.grad is not None]
     if not grads:
-        return 0.0
+        return None
     total = torch.nn.utils.get_total_norm(grads)  # what clip_grad_norm_ computes, so clipping is unchanged
-    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # a DTensor under FSDP2
-    if max_norm > 0 and math.isfinite(norm):
+    if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(trainable, max_norm, total)
-    return norm
+    return total.full_tensor() if hasattr(total, "full_tensor") else total  # a DTensor under FSDP2
 
 
 class NonFiniteGuard:

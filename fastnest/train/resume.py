@@ -29,7 +29,11 @@ OVERRIDABLE = (
     "model",
     "image_folder",
     "bf16",
+    "fp16",
+    "dtype",
 )
+# Options added after checkpoints began saving their trajectory: a checkpoint without one ran with this value.
+ADDED_LATER = {"fp16": False, "dtype": "float32"}
 # Never: another data order, another model definition or other optimizer groups.
 FIXED = ("data", "data_sha256", "scales", "batch_size", "grad_accum", "seed", "freeze", "system", "synthetic_turns")
 
@@ -80,6 +84,7 @@ def check(checkpoint_dir: Path, current: dict, overrides: tuple[str, ...]) -> li
         return []
     saved = json.loads(file.read_text())
     allowed = {name.replace("-", "_") for name in overrides}
+    saved = {**ADDED_LATER, **saved}
     changed = [(k, saved.get(k), v) for k, v in current.items() if k != "overrides" and saved.get(k) != v]
     refused = [c for c in changed if c[0] not in allowed]
     if refused:

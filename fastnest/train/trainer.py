@@ -8,7 +8,6 @@ checkpoint after the current step (signals), a full disk is named (storage).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import torch
 from ..hf import patch, patch_state
 from ..scales import MatryoshkaScales
 from ..version import __version__
-from . import checkpoint, distributed, metrics, optim, resume
+from . import checkpoint, distributed, metrics, optim, resume, scaling
 from .config import DEFAULT_STEPS, TrainConfig
 from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, Order, SyntheticExamples
 from .data_synthetic import TRAIN_DOT_SIZES
@@ -33,7 +32,7 @@ from .progress import Progress
 from .run_analysis import SYNTHETIC_EVAL_SEED, analyze_run, eval_examples
 from .signals import Interrupted, StopRequest, stop_on_signals
 from .storage import DiskFullError, check_output_dir, replace_dir, writing
-from .update import StepStats, finish_step, forward_backward, with_dummy_row
+from .update import StepStats, decide, finish_step, forward_backward, with_dummy_row
 
 __all__ = ["SYNTHETIC_EVAL_SEED", "TrainConfig", "train", "with_dummy_row"]
 log = logging.getLogger("fastnest.train")
@@ -89,6 +88,7 @@ class _Run:
     eval_examples: object = None  # read (and checked) before training; None: no analysis
     trajectory: dict = field(default_factory=dict)  # saved with each checkpoint (resume.py)
     guard: NonFiniteGuard | None = None
+    scaler: scaling.LossScaler | None = None  # --fp16
     stop: StopRequest | None = None
     last_saved: Path | None = None  # the newest checkpoint of this run (all are finite)
     start: int = 0
@@ -111,21 +111,25 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _load(cfg: TrainConfig, resume_from: Path | None):
-    """The model (patched with the run's scales) and processor to train."""
+    """The model (patched with the run's scales) and processor to train, its weights in ``--dtype``."""
+    dtype = getattr(torch, cfg.dtype)
     if resume_from is not None:
-        model, processor = load_model_and_processor(resume_from / "model")
+        model, processor = load_model_and_processor(resume_from / "model", dtype)
     elif cfg.model is not None:
-        model, processor = load_model_and_processor(cfg.model)
+        model, processor = load_model_and_processor(cfg.model, dtype)
     else:
         model, processor = default_model_and_processor(cfg.seed)
+        model.to(dtype)
     patch(model, scales=cfg.scales)
     return model, processor
 
 
-def _prepare(model, cfg: TrainConfig, d: distributed.Dist) -> None:
-    """Freeze what gets no gradient, move to the device, checkpointing, train mode."""
+def _prepare(model, cfg: TrainConfig, d: distributed.Dist, strategy: str) -> None:
+    """Freeze what gets no gradient, move to the device (FSDP2: not here; ``distributed.wrap`` moves the
+    shards), checkpointing, train mode."""
     patch_state(model).adapter.freeze_unread_vision(model)
-    model.to(d.device)
+    if strategy != "fsdp":
+        model.to(d.device)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -136,6 +140,7 @@ def _prepare(model, cfg: TrainConfig, d: distributed.Dist) -> None:
 
 def _setup(cfg: TrainConfig, d: distributed.Dist) -> _Run:
     strategy = distributed.resolve_strategy(cfg.strategy, d)
+    scaling.check_strategy(cfg.fp16, strategy)
     resume_from = checkpoint.find(cfg.resume) if cfg.resume else None
     run_dir = checkpoint.run_dir_of(resume_from) if resume_from is not None else Path(cfg.output_dir)
     trajectory = resume.trajectory(cfg)
@@ -146,7 +151,7 @@ def _setup(cfg: TrainConfig, d: distributed.Dist) -> _Run:
     _seed_everything(cfg.seed)
     model, processor = _load(cfg, resume_from)
     state = patch_state(model)
-    _prepare(model, cfg, d)
+    _prepare(model, cfg, d, strategy)
     world_batch = cfg.batch_size * d.world * cfg.grad_accum
     bad_load = BadSamples(cfg.on_bad_sample, quiet=not d.main)
     examples, shuffle = _examples(cfg, (cfg.steps or DEFAULT_STEPS) * world_batch, bad_load)
@@ -178,6 +183,7 @@ def _setup(cfg: TrainConfig, d: distributed.Dist) -> _Run:
         BadSamples(cfg.on_bad_sample),
         evaluation,
         guard=NonFiniteGuard(cfg.max_nonfinite_skips),
+        scaler=scaling.LossScaler(d.device, opt) if cfg.fp16 else None,
     )
     if resume_from is not None:
         _resume(run, resume_from)
@@ -210,7 +216,9 @@ def _check_and_freeze(model, collate: Collator, cfg: TrainConfig) -> None:
 
 
 def _resume(run: _Run, resume_from: Path) -> None:
-    progress = checkpoint.load_state(resume_from, run.optimizer, run.scheduler, run.strategy, run.wrapped, run.d)
+    progress = checkpoint.load_state(
+        resume_from, run.optimizer, run.scheduler, run.strategy, run.wrapped, run.d, run.scaler
+    )
     run.start, run.last_saved = progress["step"], resume_from
     run.wall_before, run.cpu_before = progress.get("wall_s", 0.0), progress.get("cpu_s", 0.0)
     run.bad.counts.update(progress.get("bad", {}))
@@ -220,11 +228,7 @@ def _resume(run: _Run, resume_from: Path) -> None:
 
 def _loop(run: _Run, train_wall0: float, cpu0: float) -> None:
     cfg, d = run.cfg, run.d
-    autocast = (
-        torch.autocast(d.device.type, dtype=torch.bfloat16)
-        if cfg.bf16 and run.strategy != "fsdp"
-        else contextlib.nullcontext()
-    )
+    autocast = scaling.autocast(d.device, cfg.bf16, cfg.fp16, run.strategy)
     bar = Progress(cfg.progress and d.main, run.steps, run.start, run.spec.scales)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     for step in range(run.start, run.steps):
@@ -251,23 +255,13 @@ def _loop(run: _Run, train_wall0: float, cpu0: float) -> None:
 
 
 def _decide(run: _Run, step: int, stats: StepStats) -> bool:
-    """Whether to apply this step's update: not without targets, not when non-finite (the guard may stop)."""
-    if stats.num_items == 0:
-        log.warning("step %d: every row of the global batch was skipped; no update", step + 1)
-        return False
-    last = str(run.last_saved) if run.last_saved is not None else None
+    """``update.decide``; a stopping step's numbers are still written to the metrics."""
     try:
-        apply = run.guard.check(step + 1, stats.loss, stats.grad_norm, last)
+        return decide(run, step, stats)
     except NonFiniteError:
         if run.d.main:
             _append_metrics(run, step + 1, stats, 0.0, {}, skipped=True)
         raise
-    if not apply:
-        log.warning(
-            "step %d: loss %s, gradient norm %s not finite: update skipped (%d in a row, --max-nonfinite-skips %d)",
-            step + 1, stats.loss, stats.grad_norm, run.guard.in_a_row, run.guard.max_skips,
-        )  # fmt: skip
-    return apply
 
 
 def _stop_requested(run: _Run) -> bool:
@@ -338,6 +332,7 @@ def _save(run: _Run, done: int, times: dict) -> None:
                 d=run.d,
                 keep=run.cfg.save_total_limit,
                 trajectory=run.trajectory,
+                scaler=run.scaler,
             )
     except DiskFullError:
         if run.d.main:

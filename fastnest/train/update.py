@@ -4,6 +4,8 @@ and the update (applied only when the non-finite guard allows it)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,8 @@ from ..constants import IGNORE_INDEX
 from ..hf import patch_state
 from .data_llava import count_targets
 from .guards import grad_norm
+
+log = logging.getLogger("fastnest.train")
 
 
 @dataclass
@@ -35,12 +39,16 @@ def micro_batches(run, step: int) -> list:
 
 def forward_backward(run, step: int, autocast, trainable) -> StepStats:
     """Gradients of the accumulated micro-batches (not yet applied); the losses and tokens, summed over
-    processes, and the global gradient norm (clipped per ``--max-grad-norm`` when finite)."""
+    processes, and the global gradient norm (clipped per ``--max-grad-norm`` when finite).
+
+    Host syncs: the losses and the norm stay on the device until one read at the end of the step (with the
+    all-reduce across processes before it); ``input_ids``, ``attention_mask`` and ``labels`` stay on the host,
+    where the step plans them (only the images and the plan's index tensors are copied to the device)."""
     cfg, d = run.cfg, run.d
     micro = micro_batches(run, step)
     num_items = d.sum([sum(count_targets(b.inputs["labels"], b.inputs["attention_mask"]) for b in micro if b)])[0]
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    scale_sum = torch.zeros(len(run.spec.scales), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    scale_sum = torch.zeros(len(run.spec.scales), dtype=torch.float64, device=d.device)
     tokens = 0
     for m, batch in enumerate(micro if num_items else ()):  # no target in the whole global batch: no update
         inputs = batch.inputs if batch is not None else None
@@ -51,26 +59,68 @@ def forward_backward(run, step: int, autocast, trainable) -> StepStats:
             # all-gather): a label-free dummy image row costs a little and changes no gradient.
             inputs = with_dummy_row(inputs, patch_state(run.model).adapter.dummy_row(run.model))
         with no_sync(run.wrapped, run.strategy, m == cfg.grad_accum - 1):
-            inputs = {k: v.to(d.device) for k, v in inputs.items()}
+            inputs = images_to_device(inputs, d.device)
             with autocast:
                 out = run.wrapped(**inputs, num_items_in_batch=num_items)
-            (out.loss * d.world).backward()
-        loss_sum += out.loss.detach().double().cpu()
-        scale_sum += out.scale_losses.double().cpu()
+            loss = out.loss * d.world
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss_sum += out.loss.detach().double().to(d.device)
+        scale_sum += out.scale_losses.double().to(d.device)
         tokens += out.lm_tokens
-    norm = grad_norm(trainable, cfg.max_grad_norm) if num_items else 0.0
-    reduced = d.sum([float(loss_sum), *scale_sum.tolist(), tokens])
-    return StepStats(reduced[0], reduced[1 : 1 + len(run.spec.scales)], int(reduced[-1]), norm, int(num_items))
+    if num_items and run.scaler is not None:
+        run.scaler.unscale()  # the norm, the clipping and the update see the true gradients
+    norm = grad_norm(trainable, cfg.max_grad_norm) if num_items else None
+    return _read_stats(d, loss_sum, scale_sum, tokens, norm, int(num_items))
+
+
+def images_to_device(inputs: dict, device: torch.device) -> dict:
+    """The micro-batch as the patched model takes it: the images on ``device``, the token ids, mask and labels
+    on the host (the plan reads them there; the embedding moves the ids it looks up)."""
+    return {k: v.to(device, non_blocking=True) if k == "pixel_values" else v for k, v in inputs.items()}
+
+
+def _on(device: torch.device, value: float) -> torch.Tensor:
+    return torch.tensor([float(value)], dtype=torch.float64).to(device, non_blocking=True)
+
+
+def _read_stats(d, loss_sum: torch.Tensor, scale_sum: torch.Tensor, tokens: int, norm, num_items: int) -> StepStats:
+    """The step's numbers on the host in one device-to-host read (after one all-reduce across processes)."""
+    summed = torch.cat([loss_sum.view(1), scale_sum, _on(d.device, tokens)])
+    if d.enabled:
+        torch.distributed.all_reduce(summed)
+    norm = torch.zeros((), dtype=torch.float64, device=d.device) if norm is None else norm
+    host = torch.cat([summed, norm.to(summed.device, torch.float64).view(1)]).tolist()
+    return StepStats(host[0], host[1:-2], int(host[-2]), host[-1], num_items)
+
+
+def decide(run, step: int, stats: StepStats) -> bool:
+    """Whether to apply this step's update: not without targets, not after an fp16 overflow (the scaler lowers
+    its scale: not a fault), not when non-finite (the guard skips, or stops with ``NonFiniteError``)."""
+    if stats.num_items == 0:
+        log.warning("step %d: every row of the global batch was skipped; no update", step + 1)
+        return False
+    if run.scaler is not None and math.isfinite(stats.loss) and not math.isfinite(stats.grad_norm):
+        log.warning("step %d: fp16 gradients overflowed: update skipped, the loss scale lowered", step + 1)
+        return False
+    last = str(run.last_saved) if run.last_saved is not None else None
+    apply = run.guard.check(step + 1, stats.loss, stats.grad_norm, last)
+    if not apply:
+        log.warning(
+            "step %d: loss %s, gradient norm %s not finite: update skipped (%d in a row, --max-nonfinite-skips %d)",
+            step + 1, stats.loss, stats.grad_norm, run.guard.in_a_row, run.guard.max_skips,
+        )  # fmt: skip
+    return apply
 
 
 def finish_step(run, apply: bool) -> None:
-    """Apply the gradients (optimizer and schedule step) when ``apply``, else drop them (no update)."""
+    """Apply the gradients (optimizer and schedule step) when ``apply``, else drop them (no update). No host
+    sync: the update runs on while the next step is planned (its time counts in the next step's)."""
     if apply:
         run.optimizer.step()
         run.scheduler.step()
+    if run.scaler is not None:
+        run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.d.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def with_dummy_row(inputs: dict | None, dummy: dict[str, torch.Tensor]) -> dict:

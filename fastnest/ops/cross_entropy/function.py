@@ -45,7 +45,8 @@ def fused_linear_cross_entropy(
     ever holding all the logits.
 
     ``hidden [T, Hd]``, ``weight [V, Hd]`` (e.g. a tied input embedding: autograd adds both uses' gradients)
-    and ``bias [V]`` share one float dtype. Rows go through in chunks of ``chunk_size`` (default
+    and ``bias [V]`` share one float dtype and device; ``targets`` and ``target_group`` are on that device or on
+    the host (checked there, with no device-to-host sync, then copied). Rows go through in chunks of ``chunk_size`` (default
     ``chunk_rows(T, Hd, V)``: a logits chunk about the size of ``hidden``); each chunk's logits are turned
     into their gradient in place and consumed by two GEMMs, so the forward pass also computes the gradients
     of ``hidden``, ``weight`` (accumulated in fp32 across chunks) and ``bias``. Memory besides inputs and
@@ -61,7 +62,9 @@ def fused_linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
     _check_inputs(hidden, weight, bias, targets, target_group, num_groups, chunk_size)
-    targets, target_group = targets.long().contiguous(), target_group.long().contiguous()
+    targets, target_group = (
+        t.long().contiguous().to(hidden.device, non_blocking=True) for t in (targets, target_group)
+    )
     kernel = _KERNELS[resolve_backend("cross_entropy", hidden.device, backend)]()
     rows = chunk_size or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
     denom = denominators(targets, target_group, num_groups, num_items)
@@ -205,8 +208,8 @@ def _check_inputs(
             raise ValueError(
                 f"{name} must be an integer tensor of shape ({num_tokens},), got {t.dtype} {tuple(t.shape)}"
             )
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+        if t.device != hidden.device and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device} (or the host)")
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if chunk_size is not None and chunk_size < 1:
@@ -215,7 +218,8 @@ def _check_inputs(
         return
     bad_target = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
     bad_group = (target_group < -1) | (target_group >= num_groups)
-    any_bad_target, any_bad_group = torch.stack([bad_target.any(), bad_group.any()]).tolist()  # one host sync
+    # One device-to-host read for targets on the device; none for host targets (the training step's).
+    any_bad_target, any_bad_group = torch.stack([bad_target.any(), bad_group.any()]).tolist()
     if any_bad_target:
         raise ValueError(
             f"target {int(targets[bad_target][0])} is outside [0, {vocab}) and is not the ignore index {IGNORE_INDEX}"

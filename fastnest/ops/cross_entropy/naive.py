@@ -43,6 +43,8 @@ def denominators(
     targets: torch.Tensor, target_group: torch.Tensor, num_groups: int, num_items: int | torch.Tensor | None
 ) -> torch.Tensor:
     """fp32 ``[num_groups]``: each group's count of non-ignored targets, or ``num_items`` for every group."""
-    if num_items is not None:
-        return torch.as_tensor(num_items, dtype=torch.float32, device=targets.device).expand(num_groups)
+    if isinstance(num_items, torch.Tensor):
+        return num_items.to(targets.device, torch.float32, non_blocking=True).expand(num_groups)
+    if num_items is not None:  # filled on the device: no blocking host-to-device copy of a Python number
+        return torch.full((num_groups,), float(num_items), dtype=torch.float32, device=targets.device)
     return group_sums((targets != IGNORE_INDEX).float(), target_group, num_groups)
