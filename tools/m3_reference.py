@@ -62,20 +62,25 @@ def scaled_rows(model, input_ids, attention_mask, pixel_values, labels, scale):
     return rows_embeds, rows_labels, rows_ids
 
 
+def padded_lm_loss(model, embeds: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of embeddings padded on the right, one full forward, full fp32 logits, token-mean next-token CE."""
+    width = max(len(e) for e in embeds)
+    batch = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
+    mask = torch.zeros(len(embeds), width, dtype=torch.long)
+    lab = torch.full((len(embeds), width), -100)
+    for b, (e, y) in enumerate(zip(embeds, labels)):
+        batch[b, : len(e)], mask[b, : len(e)], lab[b, : len(e)] = e, 1, y
+    hidden = model.model.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = model.lm_head(hidden).float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1))
+
+
 def released_m3_loss(model, input_ids, attention_mask, pixel_values, labels, scales):
     """The released training objective: ``(mean over scales, per-scale losses)``; full fp32 logits per scale."""
     losses = []
     for scale in scales:
         embeds, labs, _ = scaled_rows(model, input_ids, attention_mask, pixel_values, labels, scale)
-        width = max(len(e) for e in embeds)
-        batch = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
-        mask = torch.zeros(len(embeds), width, dtype=torch.long)
-        lab = torch.full((len(embeds), width), -100)
-        for b, (e, y) in enumerate(zip(embeds, labs)):
-            batch[b, : len(e)], mask[b, : len(e)], lab[b, : len(e)] = e, 1, y
-        hidden = model.model.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = model.lm_head(hidden).float()
-        losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1)))
+        losses.append(padded_lm_loss(model, embeds, labs))
     per_scale = torch.stack(losses)
     return per_scale.mean(), per_scale
 

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tools.m3_reference import padded_lm_loss
+
 
 def layer_norm(x, w, b, eps=1e-6):
     mean = x.mean(-1, keepdim=True)
@@ -90,14 +92,6 @@ def released_mqt_loss(model, input_ids, attention_mask, pixel_values, labels, co
     losses = []
     for m in counts:
         embeds, labs = count_rows(model, input_ids, attention_mask, pixel_values, labels, m)
-        width = max(len(e) for e in embeds)
-        batch = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
-        mask = torch.zeros(len(embeds), width, dtype=torch.long)
-        lab = torch.full((len(embeds), width), -100)
-        for b, (e, y) in enumerate(zip(embeds, labs)):
-            batch[b, : len(e)], mask[b, : len(e)], lab[b, : len(e)] = e, 1, y
-        hidden = model.model.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = model.lm_head(hidden).float()
-        losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1)))
+        losses.append(padded_lm_loss(model, embeds, labs))
     per_count = torch.stack(losses)
     return per_count.mean(), per_count
