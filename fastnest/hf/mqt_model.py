@@ -8,6 +8,7 @@ checkpoint's ``model.query_abstractor.*`` keys need no renaming. ``get_image_fea
 M query outputs: the caller's inputs hold M placeholder tokens per image (``image_seq_length`` = M).
 """
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -24,25 +25,46 @@ from transformers.models.llava.modeling_llava import (
 from ..connectors.query import MatryoshkaQueryTransformer, sincos_2d
 
 
-@strict
-class MQTLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` plus the query transformer: ``num_queries`` (M, a perfect square), ``query_heads``
-    (dividing the tower's width), ``query_keys`` ("positional": the release; "features": the paper)."""
+def _check(config) -> None:
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} keeps the CLS token, "
+            "which has no place on the key grid; mqt_llava needs 'default'"
+        )
+    if config.query_keys not in ("positional", "features"):
+        raise ValueError(f"query_keys must be 'positional' or 'features', got {config.query_keys!r}")
+    config.image_seq_length = config.num_queries  # an image is M placeholder tokens
 
-    model_type = "mqt_llava"
 
-    num_queries: int = 256
-    query_heads: int = 16
-    query_keys: Literal["positional", "features"] = "positional"
+if dataclasses.is_dataclass(LlavaConfig):  # transformers >= 5.2x: configs are strict dataclasses
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.vision_feature_select_strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} keeps the CLS token, "
-                "which has no place on the key grid; mqt_llava needs 'default'"
-            )
-        self.image_seq_length = self.num_queries  # an image is M placeholder tokens
+    @strict
+    class MQTLlavaConfig(LlavaConfig):
+        """``LlavaConfig`` plus the query transformer: ``num_queries`` (M, a perfect square), ``query_heads``
+        (dividing the tower's width), ``query_keys`` ("positional": the release; "features": the paper)."""
+
+        model_type = "mqt_llava"
+
+        num_queries: int = 256
+        query_heads: int = 16
+        query_keys: Literal["positional", "features"] = "positional"
+
+        def __post_init__(self, **kwargs):
+            super().__post_init__(**kwargs)
+            _check(self)
+
+else:  # transformers 5.0: configs take their options in __init__
+
+    class MQTLlavaConfig(LlavaConfig):
+        """``LlavaConfig`` plus the query transformer: ``num_queries`` (M, a perfect square), ``query_heads``
+        (dividing the tower's width), ``query_keys`` ("positional": the release; "features": the paper)."""
+
+        model_type = "mqt_llava"
+
+        def __init__(self, num_queries: int = 256, query_heads: int = 16, query_keys: str = "positional", **kwargs):
+            self.num_queries, self.query_heads, self.query_keys = num_queries, query_heads, query_keys
+            super().__init__(**kwargs)
+            _check(self)
 
 
 def feature_layers(config: MQTLlavaConfig, layer: int | list[int] | None = None) -> list[int]:
