@@ -9,7 +9,7 @@ either (``TokenCounts``). The plan and the layouts take any count a connector gi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from .constants import DEFAULT_SCALES
@@ -19,6 +19,21 @@ __all__ = ["DEFAULT_SCALES", "MatryoshkaScales", "QueryCounts", "TokenCounts", "
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_counts(
+    scales: Iterable[int], allowed: Container[int], empty: str, bad: Callable[[object], str], what: str
+) -> tuple[int, ...]:
+    """``scales`` as a tuple: not empty (else ``empty``), each an int in ``allowed`` (else ``bad(s)``), distinct."""
+    scales = tuple(scales)
+    if not scales:
+        raise ValueError(empty)
+    for s in scales:
+        if not _is_int(s) or s not in allowed:
+            raise ValueError(bad(s))
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"{what} must be distinct, got {scales}")
+    return scales
 
 
 def allowed_scales(grid: int) -> tuple[int, ...]:
@@ -38,20 +53,19 @@ class MatryoshkaScales:
     scales: tuple[int, ...]
 
     def __init__(self, grid: int, scales: Iterable[int]) -> None:
-        scales = tuple(scales)
         if not _is_int(grid) or grid < 1:
             raise ValueError(f"grid must be a positive int, got {grid!r}")
         allowed = allowed_scales(grid)
-        if not scales:
-            raise ValueError(f"scales must not be empty; allowed for a {grid}x{grid} grid: {allowed}")
-        for s in scales:
-            if not _is_int(s) or s not in allowed:
-                raise ValueError(
-                    f"scale {s!r} does not pool a {grid}x{grid} grid evenly (kernel {grid}/sqrt({s!r}) is not "
-                    f"an integer); allowed scales: {allowed}"
-                )
-        if len(set(scales)) != len(scales):
-            raise ValueError(f"scales must be distinct, got {scales}")
+        scales = _checked_counts(
+            scales,
+            allowed,
+            f"scales must not be empty; allowed for a {grid}x{grid} grid: {allowed}",
+            lambda s: (
+                f"scale {s!r} does not pool a {grid}x{grid} grid evenly (kernel {grid}/sqrt({s!r}) is not "
+                f"an integer); allowed scales: {allowed}"
+            ),
+            "scales",
+        )
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "scales", scales)
 
@@ -100,19 +114,18 @@ class QueryCounts:
     scales: tuple[int, ...]
 
     def __init__(self, num_queries: int, scales: Iterable[int]) -> None:
-        scales = tuple(scales)
         if not _is_int(num_queries) or num_queries < 1:
             raise ValueError(f"num_queries must be a positive int, got {num_queries!r}")
-        if not scales:
-            raise ValueError(f"token counts must not be empty; allowed: any of 1..{num_queries}")
-        for s in scales:
-            if not _is_int(s) or not 1 <= s <= num_queries:
-                raise ValueError(
-                    f"token count {s!r} is not allowed by a query transformer with {num_queries} queries; "
-                    f"allowed: ints in 1..{num_queries}"
-                )
-        if len(set(scales)) != len(scales):
-            raise ValueError(f"token counts must be distinct, got {scales}")
+        scales = _checked_counts(
+            scales,
+            range(1, num_queries + 1),
+            f"token counts must not be empty; allowed: any of 1..{num_queries}",
+            lambda s: (
+                f"token count {s!r} is not allowed by a query transformer with {num_queries} queries; "
+                f"allowed: ints in 1..{num_queries}"
+            ),
+            "token counts",
+        )
         object.__setattr__(self, "num_queries", num_queries)
         object.__setattr__(self, "scales", scales)
 
