@@ -158,14 +158,14 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         return own(self, **batch, **options, **kwargs)
     scales = inference.image_scales(patch_state(self), scale, pixel_values.shape[0])
     left = inference.left_padded(attention_mask)
-    shrunk = inference.shrink(self, scales, pixel_values, {**batch, "labels": None}, left)
-    if shrunk.get("attention_mask") is not attention_mask:  # the sequence gets shorter
+    cut = inference.cut_of(self, scales, pixel_values, batch, left)
+    if cut is None:  # at full scale (or already at scale) everything, shift_labels too, is Hugging Face's as given
+        shrunk = batch
+    else:  # the sequence gets shorter
         shift_labels = kwargs.pop("shift_labels", None)
         batch["labels"] = None if labels is None else _labels_from_shifted(labels, shift_labels)
-        shrunk = inference.shrink(self, scales, pixel_values, batch, left)
+        shrunk = inference.apply_cut(self, batch, cut)
         _follow_shortening(kwargs, shrunk)
-    else:  # at full scale everything, shift_labels too, is Hugging Face's as given
-        shrunk["labels"] = labels
     with inference.calling(self, scales):
         return own(self, **shrunk, pixel_values=pixel_values, **options, **kwargs)
 

@@ -79,9 +79,20 @@ def _placeholders(model, input_ids, inputs_embeds, token_id: int) -> torch.Tenso
     return (inputs_embeds == token).all(-1)
 
 
-def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool) -> dict:
-    """``batch`` (``input_ids`` / ``inputs_embeds``, ``attention_mask``, ``labels``, optional) with each image's
-    placeholder run cut to its scale's count; unchanged when it already holds them."""
+@dataclass(frozen=True)
+class Cut:
+    """Where a batch is cut: ``index [B, W]`` of the kept columns (-1: padding), the new ``mask``, and the
+    original ``valid`` / ``is_image`` masks."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    valid: torch.Tensor
+    is_image: torch.Tensor
+
+
+def cut_of(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool) -> Cut | None:
+    """The cut that takes each image's placeholder run of ``batch`` (``input_ids`` or ``inputs_embeds``,
+    ``attention_mask``) to its scale's count; None when the batch already holds those counts."""
     state = patch_state(model)
     token_id = state.adapter.image_token_id(model)
     ids, embeds = batch.get("input_ids"), batch.get("inputs_embeds")
@@ -96,14 +107,26 @@ def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict
     counts = [layout.count(state.spec.index(s)) for layout, s in zip(layouts, scales)]
     cut = scaled_columns(valid.cpu(), is_image.cpu(), full, counts, left=left, image_token_id=token_id)
     if cut is None:
-        return dict(batch)
+        return None
     index, new_mask = cut
-    _check_cut_labels(batch.get("labels"), valid, is_image)
+    return Cut(index, new_mask.to(reference.device, mask.dtype if mask is not None else torch.long), valid, is_image)
+
+
+def apply_cut(model, batch: dict, cut: Cut) -> dict:
+    """``batch``'s ``input_ids`` / ``inputs_embeds`` / ``labels`` at the cut's columns, with its mask."""
+    _check_cut_labels(batch.get("labels"), cut.valid, cut.is_image)
     pad_id = model.config.text_config.pad_token_id or 0
     pads = {"input_ids": pad_id, "labels": IGNORE_INDEX, "inputs_embeds": 0.0}
-    out = {name: _take(t, index, pads[name]) for name, t in batch.items() if t is not None and name in pads}
-    out["attention_mask"] = new_mask.to(reference.device, mask.dtype if mask is not None else torch.long)
+    out = {name: _take(t, cut.index, pads[name]) for name, t in batch.items() if t is not None and name in pads}
+    out["attention_mask"] = cut.mask
     return out
+
+
+def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool) -> dict:
+    """``batch`` (``input_ids`` / ``inputs_embeds``, ``attention_mask``, ``labels``, optional) with each image's
+    placeholder run cut to its scale's count; unchanged when it already holds them."""
+    cut = cut_of(model, scales, pixel_values, batch, left)
+    return dict(batch) if cut is None else apply_cut(model, batch, cut)
 
 
 def _check_cut_labels(labels: torch.Tensor | None, valid: torch.Tensor, is_image: torch.Tensor) -> None:
