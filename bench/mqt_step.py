@@ -5,7 +5,9 @@ Run: ``python -m bench.mqt_step [--rounds N] [--counts 16,64,144,256]``. Model: 
 (``bench.workload.build_batch``: a 35-token system prompt, the image, 40-400 text tokens, answer-only labels).
 
 - ``fastnest``: ``fastnest.patch(model, num_tokens=counts)``: tower and connector once, every count in one
-  packed pass, the fused answer-only loss (forward + backward);
+  packed pass where each row's leading text and its image's 256 query tokens are computed once (the count-m
+  sequence continues the first m of them: the outputs are nested), the fused answer-only loss (forward +
+  backward);
 - ``released``: per count, what the release's step runs: Hugging Face's own forward of the unpatched model on
   inputs holding m placeholders per image (tower + connector at m queries + the padded LM + full fp32 logits +
   cross-entropy), then backward; summed over the counts.

@@ -46,6 +46,14 @@ class ImageLayout:
         """Tokens of the image at scale index ``k``."""
         return int(self.tokens[k].numel())
 
+    @functools.cached_property
+    def nested(self) -> int | None:
+        """The scale index whose tokens every scale's tokens begin (a query transformer's first m of M), or
+        None: then the language model sees the image the same way at every scale up to each one's count."""
+        longest = max(range(self.num_scales), key=self.count)
+        top = self.tokens[longest]
+        return longest if all(torch.equal(t, top[: t.numel()]) for t in self.tokens) else None
+
 
 @functools.cache
 def pooled_grid(spec: MatryoshkaScales) -> ImageLayout:

@@ -24,11 +24,13 @@ class PackedSequences:
     a sequence boundary); ``target_group`` is the loss group of each target (``-1`` counts towards every
     group).
 
-    A sequence may have a *context*: an earlier sequence whose tokens it continues (a shared prefix, packed
-    once). ``context[i]`` is that sequence's index (``-1``: none); sequence ``i``'s positions continue after
-    its context, and its keys are the context's tokens followed by its own (``key_index``: the packed
-    position of every key, sequence by sequence, ``None`` when no sequence has a context; ``cu_seqlens_k``
-    and ``seqlens_k`` delimit them). Queries stay the sequence's own tokens.
+    A sequence may have a *context*: an earlier sequence whose leading tokens it continues (a shared prefix,
+    packed once). ``context[i]`` is that sequence's index (``-1``: none) and ``context_lens[i]`` how many of
+    its first tokens sequence ``i`` continues (all of them unless told otherwise; fewer when the context is
+    the longest of nested prefixes, e.g. a query transformer's first m of M image tokens); sequence ``i``'s
+    positions continue after them, and its keys are those tokens followed by its own (``key_index``: the
+    packed position of every key, sequence by sequence, ``None`` when no sequence has a context;
+    ``cu_seqlens_k`` and ``seqlens_k`` delimit them). Queries stay the sequence's own tokens.
     """
 
     cu_seqlens: torch.Tensor  # int32 [num_seqs + 1]
@@ -39,6 +41,7 @@ class PackedSequences:
     targets: torch.Tensor  # int64 [num_targets]
     target_group: torch.Tensor  # int64 [num_targets]
     context: tuple[int, ...]
+    context_lens: tuple[int, ...]  # 0 where a sequence has no context
     cu_seqlens_k: torch.Tensor  # int32 [num_seqs + 1]
     seqlens_k: tuple[int, ...]
     key_index: torch.Tensor | None  # int64 [sum(seqlens_k)]
@@ -79,8 +82,12 @@ def cumulative_lengths(lengths: Sequence[int]) -> torch.Tensor:
     return cu
 
 
-def check_context(context: Sequence[int], num_seqs: int) -> tuple[int, ...]:
-    """Validate per-sequence contexts: ``-1`` or an EARLIER sequence that has no context itself."""
+def check_context(
+    context: Sequence[int], seqlens: Sequence[int], context_lens: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validate per-sequence contexts (``-1`` or an EARLIER sequence that has no context itself) and how many
+    of its leading tokens each continues (default: all); returns ``(context, context_lens)``."""
+    num_seqs = len(seqlens)
     context = tuple(int(c) for c in context)
     if len(context) != num_seqs:
         raise ValueError(f"got {len(context)} contexts for {num_seqs} sequences")
@@ -89,28 +96,41 @@ def check_context(context: Sequence[int], num_seqs: int) -> tuple[int, ...]:
             raise ValueError(
                 f"context[{i}] = {c}: a context must be -1 or an earlier sequence (< {i}) without a context itself"
             )
-    return context
+    full = tuple(int(seqlens[c]) if c >= 0 else 0 for c in context)
+    if context_lens is None:
+        return context, full
+    lens = tuple(int(n) for n in context_lens)
+    if len(lens) != num_seqs:
+        raise ValueError(f"got {len(lens)} context lengths for {num_seqs} sequences")
+    for i, (n, most) in enumerate(zip(lens, full)):
+        if not 0 <= n <= most:
+            raise ValueError(
+                f"context_lens[{i}] = {n}: a sequence continues 0 to {most} tokens of its context "
+                f"(context[{i}] = {context[i]})"
+            )
+    return context, lens
 
 
 def key_layout(
-    seqlens: Sequence[int], context: Sequence[int] | None = None
+    seqlens: Sequence[int], context: Sequence[int] | None = None, context_lens: Sequence[int] | None = None
 ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]:
-    """Keys of every sequence: its context's tokens, then its own (a sequence without tokens has no keys).
+    """Keys of every sequence: the tokens of its context it continues, then its own (a sequence without tokens
+    has no keys).
 
     Returns ``(seqlens_k, cu_seqlens_k, key_index)``; ``key_index`` (packed position of each key) is None
     when no sequence has a context, i.e. when the keys are the queries.
     """
-    context = check_context(context if context is not None else [-1] * len(seqlens), len(seqlens))
-    has = [c >= 0 and n > 0 and seqlens[c] > 0 for c, n in zip(context, seqlens)]
-    if not any(has):
+    context, lens = check_context(context if context is not None else [-1] * len(seqlens), seqlens, context_lens)
+    read = [length if n > 0 else 0 for n, length in zip(seqlens, lens)]
+    if not any(read):
         return tuple(seqlens), cumulative_lengths(seqlens), None
     cu = cumulative_lengths(seqlens).tolist()
     spans = []
     for i, c in enumerate(context):
-        if has[i]:
-            spans.append(torch.arange(cu[c], cu[c + 1]))
+        if read[i]:
+            spans.append(torch.arange(cu[c], cu[c] + read[i]))
         spans.append(torch.arange(cu[i], cu[i + 1]))
-    seqlens_k = tuple(n + (seqlens[c] if h else 0) for n, c, h in zip(seqlens, context, has))
+    seqlens_k = tuple(n + r for n, r in zip(seqlens, read))
     return seqlens_k, cumulative_lengths(seqlens_k), torch.cat(spans)
 
 
@@ -119,19 +139,21 @@ def pack_sequences(
     labels: Sequence[torch.Tensor] | None = None,
     groups: Sequence[int] | None = None,
     context: Sequence[int] | None = None,
+    context_lens: Sequence[int] | None = None,
 ) -> PackedSequences:
     """Pack sequences given as 1-D source-row indices, with per-position labels (``-100`` = none).
 
     Labels are aligned with positions as in Hugging Face: the logits at position ``p`` predict ``labels[p + 1]``.
-    ``context`` (see :class:`PackedSequences`): a sequence with a context continues it, so the context's last
-    token predicts the sequence's first label; those targets (one per such sequence) come after all others.
+    ``context``/``context_lens`` (see :class:`PackedSequences`): a sequence with a context continues its first
+    ``context_lens[i]`` tokens, so the last of them predicts the sequence's first label; those targets (one per
+    such sequence) come after all others.
     """
     if labels is not None and len(labels) != len(sources):
         raise ValueError(f"got {len(labels)} label tensors for {len(sources)} sequences")
     if groups is not None and len(groups) != len(sources):
         raise ValueError(f"got {len(groups)} groups for {len(sources)} sequences")
     seqlens = tuple(int(s.numel()) for s in sources)
-    ctx = check_context(context if context is not None else [-1] * len(seqlens), len(seqlens))
+    ctx, ctx_lens = check_context(context if context is not None else [-1] * len(seqlens), seqlens, context_lens)
     if labels is not None:
         for i, (length, lab) in enumerate(zip(seqlens, labels)):
             if lab.numel() != length:
@@ -139,12 +161,12 @@ def pack_sequences(
     lengths = torch.tensor(seqlens, dtype=torch.int64)
     cu = cumulative_lengths(seqlens)
     total = int(cu[-1])
-    ctx_len = torch.tensor([seqlens[c] if c >= 0 else 0 for c in ctx], dtype=torch.int64)
-    starts = (cu[:-1].long() - ctx_len).repeat_interleave(lengths)
+    starts = (cu[:-1].long() - torch.tensor(ctx_lens, dtype=torch.int64)).repeat_interleave(lengths)
     position_ids = torch.arange(total) - starts
     source_index = torch.cat([s.long() for s in sources]) if sources else torch.zeros(0, dtype=torch.long)
-    seqlens_k, cu_k, key_index = key_layout(seqlens, ctx)
-    keys = {"context": ctx, "cu_seqlens_k": cu_k, "seqlens_k": seqlens_k, "key_index": key_index}
+    seqlens_k, cu_k, key_index = key_layout(seqlens, ctx, ctx_lens)
+    keys = {"context": ctx, "context_lens": ctx_lens, "cu_seqlens_k": cu_k, "seqlens_k": seqlens_k}
+    keys["key_index"] = key_index
     if labels is None:
         empty = torch.zeros(0, dtype=torch.long)
         return PackedSequences(cu, seqlens, position_ids, source_index, empty, empty, empty, **keys)
@@ -157,11 +179,12 @@ def pack_sequences(
     group_of = torch.tensor(groups if groups is not None else [0] * len(seqlens), dtype=torch.long)
     target_group = group_of.repeat_interleave(lengths)[logit_index]
     targets = next_label[logit_index]
-    # across a context: its last token predicts the first label of every sequence continuing it
-    across = [i for i, c in enumerate(ctx) if c >= 0 and seqlens[c] and seqlens[i] and flat[cu[i]] != IGNORE_INDEX]
+    # across a context: the last token continued predicts the first label of the sequence continuing it
+    across = [i for i, n in enumerate(ctx_lens) if n and seqlens[i] and flat[cu[i]] != IGNORE_INDEX]
     if across:
         pick = torch.tensor(across)
-        logit_index = torch.cat([logit_index, cu[1:].long()[torch.tensor([ctx[i] for i in across])] - 1])
+        last = [int(cu[ctx[i]]) + ctx_lens[i] - 1 for i in across]
+        logit_index = torch.cat([logit_index, torch.tensor(last, dtype=torch.long)])
         targets = torch.cat([targets, flat[cu[:-1].long()[pick]]])
         target_group = torch.cat([target_group, group_of[pick]])
     return PackedSequences(cu, seqlens, position_ids, source_index, logit_index, targets, target_group, **keys)

@@ -28,7 +28,9 @@ class MatryoshkaPlan:
     = scale index); a row without images yields ONE sequence in group ``-1``, which counts towards every
     scale. With a shared prefix, a row's text before its first image is one more sequence (group ``-1``),
     packed just before the row's scale sequences, which have it as their context and hold only what follows
-    it. ``sequence_row[i]`` is the batch row of packed sequence ``i``.
+    it; when the first image's tokens at every scale begin its tokens at the largest (``ImageLayout.nested``:
+    a query transformer's), those join the prefix too, and each scale's sequence continues the text and its
+    own count of them. ``sequence_row[i]`` is the batch row of packed sequence ``i``.
     """
 
     text_mask: torch.Tensor  # bool [B, L]
@@ -156,13 +158,15 @@ class _Sequences:
 
     def __init__(self, labelled: bool) -> None:
         self.labelled = labelled
-        self.sources, self.labels, self.groups, self.contexts, self.rows = [], [], [], [], []
+        self.sources, self.labels, self.groups, self.contexts, self.context_lens, self.rows = [], [], [], [], [], []
 
-    def add(self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int) -> int:
+    def add(self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int, before: int = 0) -> int:
+        """Add a sequence; with a context, it continues that sequence's first ``before`` tokens."""
         self.sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
         self.labels.append(torch.cat(tgt) if self.labelled and tgt else torch.zeros(0, dtype=torch.long))
         self.groups.append(group)
         self.contexts.append(context)
+        self.context_lens.append(before if context >= 0 else 0)
         self.rows.append(row)
         return len(self.sources) - 1
 
@@ -208,7 +212,8 @@ def plan_matryoshka(
     share = share_prefix and num_scales > 1
     for b, pieces in enumerate(rows):
         _plan_row(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, share)
-    packed = pack_sequences(seqs.sources, seqs.labels if lab is not None else None, seqs.groups, seqs.contexts)
+    labels_ = seqs.labels if lab is not None else None
+    packed = pack_sequences(seqs.sources, labels_, seqs.groups, seqs.contexts, seqs.context_lens)
     return MatryoshkaPlan(
         text_mask=text_mask,
         num_text=num_text,
@@ -224,12 +229,9 @@ def plan_matryoshka(
 def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, share: bool) -> None:
     """Add row ``b``'s sequences: its shared prefix (if any), then one per scale (one in group -1 if text-only)."""
     has_images = any(images for _, images in pieces)
-    prefix = -1
-    if share and has_images and not pieces[0][1]:
-        # the text before the first image is the same at every scale: pack it once (group -1: its targets
-        # count towards every scale) as the context every scale's sequence continues
-        cols = pieces.pop(0)[0]
-        prefix = seqs.add([text_pos[b, cols]], [lab[b, cols] if lab is not None else None], -1, -1, b)
+    prefix, before = -1, [0] * num_scales
+    if share and has_images:
+        prefix, before = _shared_prefix(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales)
     for k in range(num_scales) if has_images else (-1,):
         src, tgt = [], []
         for cols, images in pieces:
@@ -240,7 +242,35 @@ def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_
                 tokens = layouts[i].tokens[k]
                 src.append(offsets[i] + tokens)
                 tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))
-        seqs.add(src, tgt, k, prefix, b)
+        seqs.add(src, tgt, k, prefix, b, before[k] if k >= 0 else 0)
+
+
+def _shared_prefix(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int):
+    """Pack what every scale's sequence of row ``b`` begins with, once (group -1: its targets count towards
+    every scale), taking it off ``pieces``: the text before the first image, and the first image's tokens at
+    its largest scale when the other scales' tokens begin them. Returns ``(prefix sequence or -1, how many of
+    its tokens each scale continues)``."""
+    src, tgt = [], []
+    if not pieces[0][1]:
+        cols = pieces.pop(0)[0]
+        src.append(text_pos[b, cols])
+        tgt.append(lab[b, cols] if lab is not None else None)
+    text = sum(t.numel() for t in src)
+    before = [text] * num_scales
+    cols, images = pieces[0]
+    first = layouts[images[0]]
+    if first.nested is not None:
+        tokens = first.tokens[first.nested]
+        src.append(offsets[images[0]] + tokens)
+        tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))
+        before = [text + first.count(k) for k in range(num_scales)]
+        if len(images) > 1:
+            pieces[0] = (cols, images[1:])
+        else:
+            pieces.pop(0)
+    if not src:
+        return -1, before
+    return seqs.add(src, tgt, -1, -1, b), before
 
 
 def scaled_columns(

@@ -61,8 +61,15 @@ def backend_or_skip(backend, device, dtype, backward):
         pytest.skip(str(e))
 
 
-def info_for(seqlens, context=None, backend="sdpa", device="cpu"):
-    return VarlenInfo.from_seqlens(seqlens, context, device=device, backend=backend)
+def info_for(seqlens, context=None, backend="sdpa", device="cpu", context_lens=None):
+    return VarlenInfo.from_seqlens(seqlens, context, device=device, backend=backend, context_lens=context_lens)
+
+
+# (seqlens, context, context_lens): continuations reading the first n tokens of their context (nested prefixes)
+PARTIAL = [
+    ((6, 2, 3, 4), (-1, 0, 0, 0), (0, 6, 1, 4)),
+    ((5, 3, 0, 4, 2), (-1, 0, 0, -1, 3), (0, 1, 4, 0, 3)),
+]
 
 
 @pytest.mark.parametrize("backend, device, dtype, tol", PARAMS)
@@ -101,6 +108,30 @@ def test_backward(backend, device, dtype, tol, seqlens, context, h, hkv):
         assert a.grad.dtype == dtype and a.grad.shape == b.shape, name
         scale = b.grad.abs().max().item()
         torch.testing.assert_close(a.grad.cpu().double(), b.grad, rtol=tol, atol=tol * scale, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend, device, dtype, tol", PARAMS)
+@pytest.mark.parametrize("seqlens, context, context_lens", PARTIAL)
+def test_partial_context(backend, device, dtype, tol, seqlens, context, context_lens):
+    """Forward (and backward where the backend has one here) when sequences continue only the first tokens of
+    their context."""
+    backward = not (backend == "flex" and device == "cpu")
+    backend_or_skip(backend, device, dtype, backward=backward)
+    t, h, hkv, d = sum(seqlens), 4, 2, 16
+    q, k, v = make_qkv(t, h, hkv, d, seed=t, dtype=dtype, device=device)
+    w = torch.randn(t, h, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = [x.clone().requires_grad_(backward) for x in (q, k, v)]
+    with torch.set_grad_enabled(backward):
+        out = varlen_attention(*got, info_for(seqlens, context, backend, device, context_lens), scale=0.3)
+    want = [x.cpu().double().requires_grad_(True) for x in (q, k, v)]
+    ref = reference_attention(*want, seqlens, context, scale=0.3, context_lens=context_lens)
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), rtol=tol, atol=tol)
+    if backward:
+        (out.cpu().double() * w).sum().backward()
+        (ref * w).sum().backward()
+        for name, a, b in zip("qkv", got, want):
+            scale = b.grad.abs().max().item()
+            torch.testing.assert_close(a.grad.cpu().double(), b.grad, rtol=tol, atol=tol * scale, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])

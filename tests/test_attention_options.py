@@ -90,7 +90,7 @@ def test_backward_with_options(backend, device, dtype, tol, options):
 )
 def test_error_option_not_supported_names_the_backends_that_are(backend, option, value, supported):
     q, k, v = make_qkv(5, 4, 2, 8, seed=1)
-    info = VarlenInfo(backend, (5,), (5,), (-1,), torch.tensor([0, 5]), torch.tensor([0, 5]), None, 5, 5)
+    info = VarlenInfo(backend, (5,), (5,), (-1,), (0,), torch.tensor([0, 5]), torch.tensor([0, 5]), None, 5, 5)
     options = with_sinks({option: value}, 4)
     with pytest.raises(
         ValueError, match=rf"attention backend '{backend}' does not support {option}=.*; backends that do: {supported}"

@@ -11,14 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnest.attention import VarlenInfo
 from fastnest.attention.flex_mask import Positions, build_block_mask, mask_function
-from tests.test_attention import CASES
+from tests.test_attention import CASES, PARTIAL
 
 WINDOWS = [None, 1, 2, 3, 6]
 
 
-def reference_visibility(seqlens, context, window=None) -> torch.Tensor:
+def reference_visibility(seqlens, context, window=None, context_lens=None) -> torch.Tensor:
     """``[T, T]`` booleans from the naive reference's rule, written out per sequence: query j of n sees key m of
-    its M keys (context first, then its own) iff 0 <= j + M - n - m < W."""
+    its M keys (the context's first ``context_lens[i]``, default all, then its own) iff 0 <= j + M - n - m < W."""
     t = sum(seqlens)
     context = context or [-1] * len(seqlens)
     starts = [sum(seqlens[:i]) for i in range(len(seqlens))]
@@ -26,7 +26,8 @@ def reference_visibility(seqlens, context, window=None) -> torch.Tensor:
     for i, n in enumerate(seqlens):
         c = context[i]
         own = list(range(starts[i], starts[i] + n))
-        keys = (list(range(starts[c], starts[c] + seqlens[c])) if c >= 0 else []) + own
+        before = (seqlens[c] if context_lens is None else context_lens[i]) if c >= 0 else 0
+        keys = list(range(starts[c], starts[c] + before)) + own
         m = len(keys)
         for j in range(n):
             for idx, key in enumerate(keys):
@@ -77,6 +78,20 @@ def test_block_mask_is_the_reference_visibility(seqlens, context, window, block)
     mask = build_block_mask(info, torch.device("cpu"), window, block)
     assert mask.shape[-2:] == (info.total, info.total) and mask.BLOCK_SIZE == (block, block)
     torch.testing.assert_close(expand(mask, block, info.total), reference_visibility(seqlens, context, window))
+
+
+@pytest.mark.parametrize("block", [2, 4])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("seqlens, context, context_lens", PARTIAL)
+def test_block_mask_with_partial_contexts(seqlens, context, context_lens, window, block):
+    info = VarlenInfo.from_seqlens(seqlens, context, context_lens=context_lens)
+    mask = build_block_mask(info, torch.device("cpu"), window, block)
+    want = reference_visibility(seqlens, context, window, context_lens)
+    torch.testing.assert_close(expand(mask, block, info.total), want)
+    fn = mask_function(Positions.of(info, torch.device("cpu"), pad=block), window)
+    dense = create_block_mask(fn, None, None, info.total, info.total, device="cpu", BLOCK_SIZE=block)
+    for got, exact, name in zip(tables(mask), tables(dense), ("partial", "full")):
+        torch.testing.assert_close(got, exact, msg=name)
 
 
 @pytest.mark.parametrize("block", [2, 4])

@@ -15,20 +15,23 @@ PAD = 0
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def naive_pack(sources, labels=None, groups=None, context=None):
+def naive_pack(sources, labels=None, groups=None, context=None, context_lens=None):
     """Plain loops: sequences end to end, next-token targets inside each sequence only.
 
-    A sequence with a context c continues it: positions go on after c's tokens, keys are c's positions then
-    its own (when both have tokens), and c's last token predicts its first label (those targets last).
+    A sequence with a context c continues its first ``context_lens[i]`` tokens (default: all): positions go on
+    after them, keys are their positions then its own (when both have tokens), and the last of them predicts
+    its first label (those targets last).
     """
     context = context or [-1] * len(sources)
+    if context_lens is None:
+        context_lens = [len(sources[c]) if c >= 0 else 0 for c in context]
     cu, position_ids, source_index = [0], [], []
     logit_index, targets, target_group = [], [], []
     across = []
     for i, src in enumerate(sources):
         src = [int(v) for v in src]
         start = cu[-1]
-        before = len(sources[context[i]]) if context[i] >= 0 else 0
+        before = context_lens[i] if context[i] >= 0 else 0
         for p, v in enumerate(src):
             position_ids.append(before + p)
             source_index.append(v)
@@ -41,7 +44,7 @@ def naive_pack(sources, labels=None, groups=None, context=None):
                     targets.append(lab[p + 1])
                     target_group.append(group)
             if before and src and lab[0] != IGN:
-                across.append((cu[context[i] + 1] - 1, lab[0], group))
+                across.append((cu[context[i]] + before - 1, lab[0], group))
         cu.append(start + len(src))
     for where, target, group in across:
         logit_index.append(where)
@@ -51,7 +54,7 @@ def naive_pack(sources, labels=None, groups=None, context=None):
     for i in range(len(sources)):
         own = list(range(cu[i], cu[i + 1]))
         c = context[i]
-        shared = list(range(cu[c], cu[c + 1])) if c >= 0 and own else []
+        shared = list(range(cu[c], cu[c] + context_lens[i])) if c >= 0 and own else []
         keys += shared + own
         seqlens_k.append(len(shared) + len(own))
         reads_context |= bool(shared)
@@ -64,6 +67,7 @@ def naive_pack(sources, labels=None, groups=None, context=None):
         targets=targets,
         target_group=target_group,
         context=list(context),
+        context_lens=[n if c >= 0 else 0 for c, n in zip(context, context_lens)],
         seqlens_k=seqlens_k,
         cu_seqlens_k=[sum(seqlens_k[:i]) for i in range(len(seqlens_k) + 1)],
         key_index=keys if reads_context else None,
@@ -81,6 +85,7 @@ def check_packed(packed, ref):
     for name in ("position_ids", "source_index", "logit_index", "targets", "target_group", "cu_seqlens_k"):
         assert getattr(packed, name).tolist() == ref[name], name
     assert list(packed.context) == ref["context"]
+    assert list(packed.context_lens) == ref["context_lens"]
     assert list(packed.seqlens_k) == ref["seqlens_k"]
     if ref["key_index"] is None:
         assert packed.key_index is None
@@ -199,6 +204,46 @@ def test_pack_sequences_with_context(lengths, context):
     packed = pack_sequences(sources, labels, groups, context)
     check_packed(packed, naive_pack(sources, labels, groups, context))
     check_packed(pack_sequences(sources, context=context), naive_pack(sources, context=context))
+
+
+# a context of nested prefixes (a query transformer's image): each continuation reads its first n tokens
+PARTIAL = [
+    ((5, 2, 3, 1), (-1, 0, 0, 0), (0, 2, 4, 1)),
+    ((4, 3, 0, 2), (-1, 0, 0, -1), (0, 1, 3, 0)),  # an empty continuation reads nothing
+    ((3, 2, 2), (-1, 0, 0), (0, 0, 3)),  # a continuation of none of its context's tokens
+]
+
+
+@pytest.mark.parametrize("lengths, context, context_lens", PARTIAL)
+def test_pack_sequences_with_partial_context(lengths, context, context_lens):
+    sources, labels = random_sequences(lengths, seed=sum(lengths) + 5, p_ignore=0.2)
+    groups = list(range(len(lengths)))
+    packed = pack_sequences(sources, labels, groups, context, context_lens)
+    check_packed(packed, naive_pack(sources, labels, groups, context, context_lens))
+
+
+def test_pack_partial_context_by_hand():
+    # sequence 1 continues the first 2 of sequence 0's 4 tokens: positions 2.., keys 0, 1 then its own;
+    # token 1 (the last continued) predicts 1's first label
+    packed = pack_sequences(
+        [torch.arange(4), torch.arange(4, 6)],
+        [torch.tensor([-100, 11, 12, 13]), torch.tensor([20, 21])],
+        [7, 8],
+        [-1, 0],
+        [0, 2],
+    )
+    assert packed.position_ids.tolist() == [0, 1, 2, 3, 2, 3]
+    assert packed.seqlens_k == (4, 4)
+    assert packed.key_index.tolist() == [0, 1, 2, 3, 0, 1, 4, 5]
+    assert packed.logit_index.tolist() == [0, 1, 2, 4, 1]
+    assert packed.targets.tolist() == [11, 12, 13, 21, 20]
+
+
+@pytest.mark.parametrize("context_lens", [(0, 3), (0, -1), (1, 1), (0,)])
+def test_pack_bad_context_lens(context_lens):
+    sources = [torch.arange(2), torch.arange(2, 4)]
+    with pytest.raises(ValueError, match="context_lens|context lengths"):
+        pack_sequences(sources, context=[-1, 0], context_lens=context_lens)
 
 
 def test_pack_context_by_hand():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastnest.layout import pooled_grid
+from fastnest.layout import pooled_grid, query_prefix
 from fastnest.plan import plan_matryoshka
 from fastnest.scales import MatryoshkaScales
 from tests.test_packing import IGN, IMG, PAD, check_packed, naive_pack
@@ -377,3 +377,26 @@ def test_plan_run_that_does_not_split_into_the_images_layouts():
         plan_matryoshka(
             ids, mask, labels, image_token_id=IMG, layouts=[layouts[1], pooled_grid(MatryoshkaScales(2, (4,)))]
         )
+
+
+@pytest.mark.parametrize("lead", [[1, 2], []])
+def test_nested_image_joins_the_shared_prefix_by_hand(lead):
+    """A query transformer's image (count k = its first counts[k] rows) is the same at every count up to that
+    count: with a shared prefix it is packed once at the largest count, and each count's sequence continues the
+    leading text and its own first tokens of it."""
+    layout = query_prefix(4, (1, 3))
+    assert layout.nested == 1 and pooled_grid(MatryoshkaScales(2, (1, 4))).nested is None
+    row = lead + [IMG] * 4 + [3, 4]
+    ids = torch.tensor([row])
+    labels = torch.tensor([[IGN] * (len(lead) + 4) + [IGN, 4]])
+    plan = plan_matryoshka(ids, None, labels, image_token_id=IMG, layouts=[layout])
+    t, v = len(lead), len(lead) + 2  # text rows, then the image's 4 rows in the source
+    packed = plan.packed
+    assert packed.seqlens == (t + 3, 2, 2)
+    assert packed.context == (-1, 0, 0) and packed.context_lens == (0, t + 1, t + 3)
+    assert packed.source_index.tolist() == [*range(t), v, v + 1, v + 2, t, t + 1, t, t + 1]
+    assert packed.position_ids.tolist() == [*range(t + 3), t + 1, t + 2, t + 3, t + 4]
+    assert packed.targets.tolist() == [4, 4] and packed.target_group.tolist() == [0, 1]
+    assert packed.logit_index.tolist() == [t + 3, t + 5]  # token 3 predicts 4 in each count's sequence
+    unshared = plan_matryoshka(ids, None, labels, image_token_id=IMG, layouts=[layout], share_prefix=False).packed
+    assert unshared.total - packed.total == t + 1  # the text once, and count 1's image token inside count 3's

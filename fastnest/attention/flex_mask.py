@@ -37,9 +37,9 @@ def segments(info, window: int | None, block: int) -> list[Segment]:
     for i, n in enumerate(info.seqlens_q):
         if n == 0:
             continue
-        st, en, c = starts[i], starts[i + 1], info.context[i]
-        has_ctx = c >= 0 and info.seqlens_q[c] > 0
-        cs, ce = (starts[c], starts[c + 1]) if has_ctx else (0, 0)
+        st, en, c, before = starts[i], starts[i + 1], info.context[i], info.context_lens[i]
+        has_ctx = before > 0
+        cs, ce = (starts[c], starts[c] + before) if has_ctx else (0, 0)
         base = ce - cs  # logical position of the sequence's first token (after its context)
         for qb in range(st // block, (en - 1) // block + 1):
             r0, r1 = max(st, qb * block), min(en, (qb + 1) * block)
@@ -103,10 +103,12 @@ def _ordered(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, t
 @dataclass(frozen=True)
 class Positions:
     """Per packed position (padded past the end with values that match nothing): its sequence, its
-    sequence's context (-1: none) and its logical position (offset after its context)."""
+    sequence's context (-1: none), where the context's tokens it continues end, and its logical position
+    (offset after them)."""
 
     seq: torch.Tensor
     ctx: torch.Tensor
+    ctx_end: torch.Tensor
     logical: torch.Tensor
 
     @classmethod
@@ -114,26 +116,29 @@ class Positions:
         lengths = torch.tensor(info.seqlens_q, dtype=torch.int64)
         ids = torch.arange(len(lengths)).repeat_interleave(lengths)
         context = torch.tensor(info.context, dtype=torch.int64)
-        has = (context >= 0) & (lengths[context.clamp(min=0)] > 0)
-        ctx = torch.where(has, context, -1)[ids]
+        base = torch.tensor(info.context_lens, dtype=torch.int64)
+        ctx = torch.where(base > 0, context, -1)[ids]
         starts = torch.cumsum(lengths, 0) - lengths
-        base = torch.where(has, lengths[context.clamp(min=0)], 0)
+        ctx_end = (starts[context.clamp(min=0)] + base)[ids]
         logical = torch.arange(info.total) - starts[ids] + base[ids]
+        zeros = torch.zeros(pad, dtype=torch.int64)
         return cls(
             torch.cat([ids, torch.full((pad,), -2)]).to(device),
             torch.cat([ctx, torch.full((pad,), -3)]).to(device),
-            torch.cat([logical, torch.zeros(pad, dtype=torch.int64)]).to(device),
+            torch.cat([ctx_end, zeros]).to(device),
+            torch.cat([logical, zeros]).to(device),
         )
 
 
 def mask_function(pos: Positions, window: int | None):
-    """The element mask (evaluated on partial blocks only): own keys up to the query, the whole context, and
-    with a window only keys less than ``window`` logical positions back."""
-    seq, ctx, logical = pos.seq, pos.ctx, pos.logical
+    """The element mask (evaluated on partial blocks only): own keys up to the query, the context's tokens the
+    sequence continues, and with a window only keys less than ``window`` logical positions back."""
+    seq, ctx, ctx_end, logical = pos.seq, pos.ctx, pos.ctx_end, pos.logical
 
     def document(b, h, q_idx, kv_idx):
         own = (seq[q_idx] == seq[kv_idx]) & (kv_idx <= q_idx)
-        return own | (ctx[q_idx] == seq[kv_idx])  # a context lies wholly before its sequences: all of it
+        # a context lies wholly before its sequences: every token of it up to the continued ones
+        return own | ((ctx[q_idx] == seq[kv_idx]) & (kv_idx < ctx_end[q_idx]))
 
     if window is None:
         return document

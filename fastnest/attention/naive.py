@@ -18,11 +18,12 @@ def reference_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    context_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Plain loops in float64: for each sequence and head, softmax(Q K^T * scale + mask) V.
 
-    Sequence i's queries are its own tokens; its keys are its context's tokens (when both have tokens) then
-    its own; query j of n sees key m of M iff m <= j + M - n (and, with a ``sliding_window`` W, also
+    Sequence i's queries are its own tokens; its keys are its context's tokens (its first ``context_lens[i]``,
+    default all) then its own; query j of n sees key m of M iff m <= j + M - n (and, with a ``sliding_window`` W, also
     m > j + M - n - W). ``softcap`` c maps each scaled score s to c * tanh(s / c); ``s_aux [H]`` adds
     exp(s_aux[h]) to head h's softmax denominator (a sink with no value). ``q [T, H, d]``, ``k``/``v [T, Hkv,
     d]``; query head h reads kv head h // (H // Hkv). Returns ``[T, H, d]`` (float64).
@@ -38,7 +39,8 @@ def reference_attention(
     for i, n in enumerate(seqlens):
         own = list(range(starts[i], starts[i] + n))
         c = context[i]
-        keys = (list(range(starts[c], starts[c] + seqlens[c])) if c >= 0 else []) + own
+        before = (seqlens[c] if context_lens is None else context_lens[i]) if c >= 0 else 0
+        keys = list(range(starts[c], starts[c] + before)) + own
         m = len(keys)
         for head in range(h if n else 0):
             kv = head // (h // hkv)

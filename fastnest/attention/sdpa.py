@@ -34,13 +34,13 @@ def attend(q, k, v, info, scale, dropout, sliding_window: int | None = None) -> 
     qs, ks, vs = (t.transpose(0, 1)[None].split(info.seqlens_q, dim=2) for t in (q, k, v))
     parts = []
     for i, n in enumerate(info.seqlens_q):
-        c = info.context[i]
-        if n == 0 or c < 0 or info.seqlens_q[c] == 0:
+        c, before = info.context[i], info.context_lens[i]
+        if n == 0 or before == 0:
             parts.append(run(qs[i], ks[i], vs[i]) if n else qs[i])
             continue
         # Bottom-right causal over [context; own]. SDPA's is_causal is top-left aligned, and its CPU kernels
         # skip masked blocks only under is_causal: attend over the square [context; own] block and keep the
         # own rows, which measured faster than an offset mask (the context's rows are a small extra).
-        out = run(*(torch.cat([t[c], t[i]], dim=2) for t in (qs, ks, vs)))
-        parts.append(out[:, :, info.seqlens_q[c] :])
+        out = run(*(torch.cat([t[c][:, :, :before], t[i]], dim=2) for t in (qs, ks, vs)))
+        parts.append(out[:, :, before:])
     return torch.cat(parts, dim=2)[0].transpose(0, 1)

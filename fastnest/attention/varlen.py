@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..dispatch import OPS
-from ..packing import PackedSequences, cumulative_lengths, key_layout
+from ..packing import PackedSequences, check_context, cumulative_lengths, key_layout
 from . import flash, flex, sdpa, xformers
 
 # backend -> module with ``attend(q, k, v, info, scale, dropout, **options)``, the ``OPTIONS`` it takes
@@ -31,6 +31,7 @@ class VarlenInfo:
     seqlens_q: tuple[int, ...]
     seqlens_k: tuple[int, ...]
     context: tuple[int, ...]
+    context_lens: tuple[int, ...]  # leading tokens of its context each sequence continues (0: none)
     cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
     cu_seqlens_k: torch.Tensor  # int32 [num_seqs + 1]
     key_index: torch.Tensor | None  # int64 [sum(seqlens_k)]
@@ -52,6 +53,7 @@ class VarlenInfo:
             packed.seqlens,
             packed.seqlens_k,
             packed.context,
+            packed.context_lens,
             packed.cu_seqlens,
             packed.cu_seqlens_k,
             packed.key_index,
@@ -64,16 +66,18 @@ class VarlenInfo:
         context: Sequence[int] | None = None,
         device: torch.device | str = "cpu",
         backend: str = "sdpa",
+        context_lens: Sequence[int] | None = None,
     ) -> VarlenInfo:
-        """Sequences laid end to end (``context[i]``: index of an earlier sequence it continues, or -1)."""
+        """Sequences laid end to end (``context[i]``: index of an earlier sequence it continues, or -1;
+        ``context_lens[i]``: how many of that sequence's first tokens, default all)."""
         seqlens = tuple(int(n) for n in seqlens)
-        seqlens_k, cu_k, key_index = key_layout(seqlens, context)
-        ctx = tuple(context) if context is not None else (-1,) * len(seqlens)
+        ctx, lens = check_context(context if context is not None else (-1,) * len(seqlens), seqlens, context_lens)
+        seqlens_k, cu_k, key_index = key_layout(seqlens, ctx, lens)
         cu_q = cumulative_lengths(seqlens)
-        return cls._build(backend, torch.device(device), seqlens, seqlens_k, ctx, cu_q, cu_k, key_index)
+        return cls._build(backend, torch.device(device), seqlens, seqlens_k, ctx, lens, cu_q, cu_k, key_index)
 
     @classmethod
-    def _build(cls, backend, device, seqlens_q, seqlens_k, context, cu_q, cu_k, key_index) -> VarlenInfo:
+    def _build(cls, backend, device, seqlens_q, seqlens_k, context, context_lens, cu_q, cu_k, key_index) -> VarlenInfo:
         if backend not in _BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {OPS['attention']}")
 
@@ -86,6 +90,7 @@ class VarlenInfo:
             seqlens_q=tuple(seqlens_q),
             seqlens_k=tuple(seqlens_k),
             context=tuple(context),
+            context_lens=tuple(context_lens),
             cu_seqlens_q=cu_q,
             cu_seqlens_k=cu_q if key_index is None else move(cu_k),
             key_index=None if key_index is None else move(key_index),
