@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import figures, metrics
+from .storage import check_output_dir
 
 METRICS, REPORT = "metrics.jsonl", "report.json"
 CURVES_STEM, ANALYSIS_STEM = "curves", "report"
@@ -52,17 +53,15 @@ def _summary(path: Path) -> dict:
         missing.append("scales (empty)")
     for g, group in {**summary.get("types", {}), "all": summary.get("all", {})}.items():
         missing += [f"{g}.{k}" for k in GROUP_KEYS if k not in group]
-        accuracy = group.get("accuracy", {})
-        missing += [
-            f"{g}.accuracy.{s}" for s in summary.get("scales", ()) if "accuracy" in group and str(s) not in accuracy
-        ]
+        if "accuracy" in group:
+            missing += [f"{g}.accuracy.{s}" for s in summary.get("scales", ()) if str(s) not in group["accuracy"]]
     if missing:
         raise ValueError(f"{path}: not an analysis report of fastnest analyze (missing {', '.join(missing)})")
     return summary
 
 
 def _targets(run: Path, output: str | None, fmt: str | None) -> tuple[Path, tuple[str, ...], str]:
-    """(directory, formats, how a figure's stem becomes its file name) for ``--output`` and ``--format``."""
+    """(directory, formats, the file stem ``--output FILE`` names or "" for the default names)."""
     out = Path(output) if output else run
     suffix = out.suffix.lstrip(".").lower()
     if suffix in figures.FORMATS and not out.is_dir():  # a file name
@@ -75,8 +74,6 @@ def _targets(run: Path, output: str | None, fmt: str | None) -> tuple[Path, tupl
 
 def plot_run(run_dir: str | Path, fmt: str | None = None, output: str | None = None) -> list[Path]:
     """Draw the figures of ``run_dir`` (see the module docstring); return the files written."""
-    from .storage import check_output_dir
-
     run = Path(run_dir)
     if not run.is_dir():
         raise ValueError(f"{run}: no such run directory")
