@@ -98,7 +98,8 @@ setup(
         "triton; platform_system == 'Linux'",
         "ninja",
         "numpy",
-        "pillow",  # images of fastnest train/analyze and the report's plot
+        "matplotlib>=3.7",  # figures of fastnest train/analyze/plot (3.7: legends placed "outside")
+        "pillow",  # images of fastnest train/analyze
         "tqdm",
     ],
     entry_points={"console_scripts": ["fastnest=fastnest.train.cli:main"]},

@@ -1,4 +1,4 @@
-"""``fastnest train`` and ``fastnest analyze``."""
+"""``fastnest train``, ``fastnest analyze`` and ``fastnest plot``."""
 
 from __future__ import annotations
 
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data_llava import BadSampleError
     from .guards import NonFiniteError
+    from .plot import plot_parser, run_plot
     from .signals import Interrupted
     from .storage import DiskFullError
 
@@ -218,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub.add_parser("train", help="train a LLaVA on every scale (default: the built-in CPU run)"))
     analyze_parser(sub.add_parser("analyze", help="accuracy per scale and question type, with the oracle"))
+    plot_parser(sub.add_parser("plot", help="a run's training curves and analysis figure (PNG/SVG)"))
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     try:
-        return run_train(args) if command == "train" else run_analyze(args)
+        return {"train": run_train, "analyze": run_analyze, "plot": run_plot}[command](args)
     except (BadSampleError, ValueError) as e:
         print(f"fastnest {command}: error: {e}", file=sys.stderr)
         return 2
