@@ -81,9 +81,11 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> 
     """DDP, or FSDP2 with every unit of the model's adapter (decoder and encoder layers) its own shard group,
     plus the root.
 
-    FSDP2 takes the model on the host: ``fully_shard`` moves each unit to ``d.device`` and keeps this process's
-    shard of it, so the device never holds more than the shards plus one unit (the root's own parameters, the
-    embeddings and the head, being the largest); the host copy of each unit is freed as it is sharded."""
+    FSDP2 takes rank 0's model on the host and every other rank's on the meta device (built from the config,
+    no weights read): ``fully_shard`` keeps each process's shard of each unit on ``d.device`` (rank 0's host
+    copy of a unit is freed as it is sharded), the meta shards are allocated there, and rank 0 broadcasts the
+    weights and buffers into them. No device ever holds more than the shards plus one unit, and only rank 0's
+    host ever holds the whole model."""
     if strategy == "none":
         return model
     if strategy == "ddp":
@@ -96,10 +98,32 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> 
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
+    full = model.state_dict() if d.main else {}
     for unit in patch_state(model).adapter.shard_units(model):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    _fill_from_rank0(model, full, d)
     return model
+
+
+def _fill_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], d: Dist) -> None:
+    """Every rank's shards and buffers from rank 0's whole model (``full``: its state dict; ``{}`` elsewhere).
+
+    Other ranks' parameters are meta until here. Buffers outside the state dict (RoPE's ``inv_freq``) are
+    broadcast too: ``to_empty`` leaves them uninitialised."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    metas = [p.is_meta for p in model.parameters()]
+    if any(metas) != (not d.main) or (any(metas) and not all(metas)):
+        where = "rank 0 holds meta parameters" if d.main else "a rank other than 0 holds loaded parameters"
+        raise RuntimeError(f"FSDP2 expects rank 0's model loaded and the others' on the meta device; {where}")
+    if not d.main:
+        model.to_empty(device=d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, src=0)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

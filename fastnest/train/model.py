@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from ..hf import patch
 from ..hf.tiny import tiny_llava
@@ -48,8 +48,11 @@ def default_model_and_processor(seed: int = 0):
     return default_model(len(tok), tok.image_token_id, seed), processor
 
 
-def load_model_and_processor(path: str | Path, dtype: torch.dtype | str | None = None):
+def load_model_and_processor(path: str | Path, dtype: torch.dtype | str | None = None, meta: bool = False):
     """A Hugging Face LLaVA directory (weights, config, processor), as saved by ``save_run_model``.
+
+    ``meta``: the model is built from its config on the meta device and no weights are read (an FSDP2 rank
+    other than 0, whose shards ``fastnest.train.distributed.wrap`` fills from rank 0).
 
     The weights load in float32 unless ``dtype`` names another (a torch dtype, or ``"auto"`` for the stored
     one). transformers 5 reads ``dtype=None`` as "auto", so a checkpoint stored in fp16/bf16 would train with
@@ -61,12 +64,26 @@ def load_model_and_processor(path: str | Path, dtype: torch.dtype | str | None =
         raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
     if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
         raise ValueError(f"dtype must be a torch.dtype, 'auto' or None (float32), got {dtype!r}")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32 if dtype is None else dtype)
+    dtype = torch.float32 if dtype is None else dtype
+    if meta:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration._from_config(
+                config, dtype=_stored(config) if dtype == "auto" else dtype
+            )
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model {path}: no usable processor/tokenizer saved beside the weights ({e})") from e
     return model, processor
+
+
+def _stored(config) -> torch.dtype:
+    """The dtype a checkpoint's weights were saved in (``dtype="auto"``); float32 when the config says none."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) else stored
 
 
 def read_settings(path: str | Path) -> dict:

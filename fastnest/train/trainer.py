@@ -8,6 +8,7 @@ checkpoint after the current step (signals), a full disk is named (storage).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -110,15 +111,17 @@ def train(cfg: TrainConfig) -> dict:
         distributed.shutdown(d)
 
 
-def _load(cfg: TrainConfig, resume_from: Path | None):
-    """The model (patched with the run's scales) and processor to train, its weights in ``--dtype``."""
+def _load(cfg: TrainConfig, resume_from: Path | None, meta: bool = False):
+    """The model (patched with the run's scales) and processor to train, its weights in ``--dtype``;
+    ``meta``: built on the meta device, weights unread (FSDP2's ranks other than 0)."""
     dtype = getattr(torch, cfg.dtype)
     if resume_from is not None:
-        model, processor = load_model_and_processor(resume_from / "model", dtype)
+        model, processor = load_model_and_processor(resume_from / "model", dtype, meta)
     elif cfg.model is not None:
-        model, processor = load_model_and_processor(cfg.model, dtype)
+        model, processor = load_model_and_processor(cfg.model, dtype, meta)
     else:
-        model, processor = default_model_and_processor(cfg.seed)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = default_model_and_processor(cfg.seed)
         model.to(dtype)
     patch(model, scales=cfg.scales)
     return model, processor
@@ -149,7 +152,8 @@ def _setup(cfg: TrainConfig, d: distributed.Dist) -> _Run:
         _open_run_dir(run_dir, "--resume" if resume_from is not None else "--output-dir")
     d.barrier()
     _seed_everything(cfg.seed)
-    model, processor = _load(cfg, resume_from)
+    # FSDP2: only rank 0 reads the weights; the others build the model on the meta device (no host copy)
+    model, processor = _load(cfg, resume_from, meta=strategy == "fsdp" and not d.main)
     state = patch_state(model)
     _prepare(model, cfg, d, strategy)
     world_batch = cfg.batch_size * d.world * cfg.grad_accum
