@@ -103,7 +103,37 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> 
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     _fill_from_rank0(model, full, d)
+    keep_on_host(model)
     return model
+
+
+HOST_INPUTS = ("input_ids", "attention_mask", "labels")  # what the patched step plans on the host
+
+
+class _OnHost:
+    """A host tensor FSDP2's input move passes over (it moves tensors, and tensors inside containers only)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def keep_on_host(root: torch.nn.Module) -> None:
+    """Keep ``HOST_INPUTS`` on the host through FSDP2's root pre-forward.
+
+    On CUDA that hook copies every tensor argument to the GPU; the patched step would then copy the ids, mask and
+    labels back to plan them, and both copies wait for the previous micro-batch's backward. A hook before it
+    hides them, one after it (hooks run in order) hands them over unchanged; the images still move."""
+
+    def hide(module, args, kwargs):
+        return args, {
+            k: _OnHost(v) if k in HOST_INPUTS and isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
+        }
+
+    def reveal(module, args, kwargs):
+        return args, {k: v.tensor if isinstance(v, _OnHost) else v for k, v in kwargs.items()}
+
+    root.register_forward_pre_hook(hide, prepend=True, with_kwargs=True)
+    root.register_forward_pre_hook(reveal, with_kwargs=True)
 
 
 def _fill_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], d: Dist) -> None:
