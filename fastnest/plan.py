@@ -158,9 +158,10 @@ class _Sequences:
         self.labelled = labelled
         self.sources, self.labels, self.groups, self.contexts, self.rows = [], [], [], [], []
 
-    def add(self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int) -> int:
-        self.sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
-        self.labels.append(torch.cat(tgt) if self.labelled and tgt else torch.zeros(0, dtype=torch.long))
+    def add(self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int, keep: int | None) -> int:
+        """Add a sequence of its first ``keep`` tokens (None: all)."""
+        self.sources.append((torch.cat(src) if src else torch.zeros(0, dtype=torch.long))[:keep])
+        self.labels.append((torch.cat(tgt) if self.labelled and tgt else torch.zeros(0, dtype=torch.long))[:keep])
         self.groups.append(group)
         self.contexts.append(context)
         self.rows.append(row)
@@ -177,6 +178,7 @@ def plan_matryoshka(
     spec: MatryoshkaScales | None = None,
     num_images: int | None = None,
     share_prefix: bool = True,
+    max_length: int | None = None,
 ) -> MatryoshkaPlan:
     """Plan the packed all-scale batch for processor-style inputs.
 
@@ -185,7 +187,13 @@ def plan_matryoshka(
     ``spec`` + ``num_images`` is shorthand for ``num_images`` pooled square grids
     (``fastnest.layout.pooled_grid(spec)``). ``share_prefix`` (with two or more scales): a row's text before
     its first image is packed once, as the context of every scale's sequence; the result is the same.
+    ``max_length``: each row keeps, at each scale, its first ``max_length`` tokens once its images are in (the
+    original LLaVA code truncates there, to ``tokenizer_model_max_length``); None keeps every token.
     """
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ValueError(
+            f"max_length must be a positive int (tokens per row at each scale) or None, got {max_length!r}"
+        )
     if layouts is None:
         if spec is None or num_images is None:
             raise ValueError("plan_matryoshka needs layouts=, or spec= and num_images=")
@@ -207,7 +215,7 @@ def plan_matryoshka(
     seqs = _Sequences(lab is not None)
     share = share_prefix and num_scales > 1
     for b, pieces in enumerate(rows):
-        _plan_row(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, share)
+        _plan_row(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, share, max_length)
     packed = pack_sequences(seqs.sources, seqs.labels if lab is not None else None, seqs.groups, seqs.contexts)
     return MatryoshkaPlan(
         text_mask=text_mask,
@@ -221,15 +229,17 @@ def plan_matryoshka(
     )
 
 
-def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, share: bool) -> None:
-    """Add row ``b``'s sequences: its shared prefix (if any), then one per scale (one in group -1 if text-only)."""
+def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, share: bool, max_length):
+    """Add row ``b``'s sequences: its shared prefix (if any), then one per scale (one in group -1 if text-only),
+    each row at each scale cut to ``max_length`` tokens (prefix included)."""
     has_images = any(images for _, images in pieces)
-    prefix = -1
+    prefix, keep = -1, max_length
     if share and has_images and not pieces[0][1]:
         # the text before the first image is the same at every scale: pack it once (group -1: its targets
         # count towards every scale) as the context every scale's sequence continues
-        cols = pieces.pop(0)[0]
-        prefix = seqs.add([text_pos[b, cols]], [lab[b, cols] if lab is not None else None], -1, -1, b)
+        cols = pieces.pop(0)[0][:max_length]
+        prefix = seqs.add([text_pos[b, cols]], [lab[b, cols] if lab is not None else None], -1, -1, b, None)
+        keep = None if max_length is None else max_length - cols.numel()
     for k in range(num_scales) if has_images else (-1,):
         src, tgt = [], []
         for cols, images in pieces:
@@ -240,7 +250,7 @@ def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_
                 tokens = layouts[i].tokens[k]
                 src.append(offsets[i] + tokens)
                 tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))
-        seqs.add(src, tgt, k, prefix, b)
+        seqs.add(src, tgt, k, prefix, b, keep)
 
 
 def scaled_columns(
