@@ -53,7 +53,7 @@ def tiny_original_llava(
     size = grid * patch
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
+        intermediate_size=4 * vision_hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=size,
