@@ -112,3 +112,20 @@ def test_patch_refuses_what_it_cannot_run(tmp_path):
     ref.get_vision_tower().select_feature = "cls_patch"
     with pytest.raises(ValueError, match="mm_vision_select_feature='cls_patch' keeps the CLS token"):
         fastnest_llava.patch(ref)
+
+
+def test_mpt_variant_is_refused_by_name(tmp_path):
+    # LlavaMptForCausalLM's decoder (blocks, ALiBi attention) is not Llama-style; its forward in llava-torch
+    # 1.2.2 does not even match the arch's prepare_inputs_labels_for_multimodal
+    from llava.model import LlavaMptConfig, LlavaMptForCausalLM
+
+    pair(tmp_path)  # writes the tiny tower
+    config = LlavaMptConfig(
+        d_model=64, n_heads=4, n_layers=2, vocab_size=300, mm_vision_tower=str(tmp_path), mm_hidden_size=32,
+        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+    )  # fmt: skip
+    model = LlavaMptForCausalLM(config)
+    model.get_vision_tower().load_model()
+    with pytest.raises(ValueError, match="LlavaMptModel is not a Llama-style decoder"):
+        fastnest_llava.patch(model)
+    assert "forward" not in model.__dict__
