@@ -24,7 +24,7 @@ import torch
 
 import fastnest
 from fastnest.hf.tiny import tiny_llava
-from tools.batches import IMG, make_batch
+from tools.batches import IMG, SYSTEM_PROMPT, make_batch, mixed_rows
 from tools.m3_reference import released_m3_loss
 
 SCALES = (1, 9, 36, 144, 576)
@@ -32,7 +32,6 @@ VARIANTS = ("fastnest", "released_loop", "vanilla")
 ATTENTIONS = ("sdpa", "flash", "xformers", "flex")
 PREFIX_VARIANTS = tuple(f"fastnest/{a}/{s}" for a in ATTENTIONS for s in ("shared", "unshared"))
 WORKLOADS = ("mixed", "prefix")
-SYSTEM_PROMPT = 35  # tokens before the image in LLaVA-1.5's template
 
 
 def build_model(vocab: int = 32000):
@@ -51,19 +50,11 @@ def build_model(vocab: int = 32000):
 
 
 def build_batch(model, batch_size: int = 4, seed: int = 0, tokens_per_image: int | None = None):
-    """Rows of 40-400 text tokens: a 35-token system prompt, the image, a question, then the answer.
-
-    As in LLaVA instruction tuning, labels cover the answer only (the last half of the post-image text).
+    """Rows of 40-400 text tokens (``tools.batches.mixed_rows``): a 35-token system prompt, the image, a
+    question, then the answer. As in LLaVA instruction tuning, labels cover the answer only.
     ``tokens_per_image``: placeholders per image (default the tower's grid², as LLaVA's processor).
     """
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch_size):
-        text = int(torch.randint(40, 401, (1,), generator=g))
-        after = text - SYSTEM_PROMPT if text > SYSTEM_PROMPT + 2 else 2
-        question = after // 2
-        rows.append([SYSTEM_PROMPT, IMG, question, after - question])
-    return make_batch(model, rows, seed=seed, tokens_per_image=tokens_per_image)
+    return make_batch(model, mixed_rows(batch_size, seed), seed=seed, tokens_per_image=tokens_per_image)
 
 
 def build_prefix_batch(model, batch_size: int = 4, seed: int = 0):

@@ -16,7 +16,7 @@ from .ops.projector.function import matryoshka_project
 from .packing import PackedSequences, pack_sequences, pad_packed
 from .plan import MatryoshkaPlan, plan_matryoshka
 from .scales import MatryoshkaScales, QueryCounts, allowed_scales
-from .step import StepOutput, packed_step
+from .step import StepOutput, packed_step, step_loss
 from .version import __version__
 
 _HF_NAMES = (
@@ -69,6 +69,7 @@ __all__ = [
     "plan_matryoshka",
     "pooled_grid",
     "query_prefix",
+    "step_loss",
     "varlen_attention",
     *_HF_NAMES,
 ]

@@ -56,11 +56,14 @@ class ImageLayout:
 
 
 @functools.cache
-def pooled_grid(spec: MatryoshkaScales) -> ImageLayout:
-    """A pooled square grid (LLaVA-1.5): ``grid²`` placeholders; rows are every scale's pooled tokens in
-    ``spec.scales`` order (``matryoshka_project``'s output); scale ``k`` is its block, row-major."""
+def pooled_grid(spec: MatryoshkaScales, placeholders: int | None = None) -> ImageLayout:
+    """A pooled square grid (LLaVA-1.5): rows are every scale's pooled tokens in ``spec.scales`` order
+    (``matryoshka_project``'s output); scale ``k`` is its block, row-major. ``placeholders``: the tokens the
+    image occupies in ``input_ids``: ``grid²`` by default (Hugging Face's processor expands each image), 1 for
+    code that marks each image with a single token (the original LLaVA's ``IMAGE_TOKEN_INDEX``)."""
     tokens = tuple(torch.arange(off, off + s) for s, off in zip(spec.scales, spec.offsets))
-    return ImageLayout(placeholders=spec.tokens_per_image, rows=spec.total, tokens=tokens)
+    count = spec.tokens_per_image if placeholders is None else placeholders
+    return ImageLayout(placeholders=count, rows=spec.total, tokens=tokens)
 
 
 @functools.cache

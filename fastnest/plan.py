@@ -160,10 +160,13 @@ class _Sequences:
         self.labelled = labelled
         self.sources, self.labels, self.groups, self.contexts, self.context_lens, self.rows = [], [], [], [], [], []
 
-    def add(self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int, before: int = 0) -> int:
-        """Add a sequence; with a context, it continues that sequence's first ``before`` tokens."""
-        self.sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
-        self.labels.append(torch.cat(tgt) if self.labelled and tgt else torch.zeros(0, dtype=torch.long))
+    def add(
+        self, src: list[torch.Tensor], tgt: list, group: int, context: int, row: int, before: int = 0, keep=None
+    ) -> int:
+        """Add a sequence of its first ``keep`` tokens (None: all); with a context, it continues that sequence's
+        first ``before`` tokens."""
+        self.sources.append((torch.cat(src) if src else torch.zeros(0, dtype=torch.long))[:keep])
+        self.labels.append((torch.cat(tgt) if self.labelled and tgt else torch.zeros(0, dtype=torch.long))[:keep])
         self.groups.append(group)
         self.contexts.append(context)
         self.context_lens.append(before if context >= 0 else 0)
@@ -181,6 +184,7 @@ def plan_matryoshka(
     spec: MatryoshkaScales | None = None,
     num_images: int | None = None,
     share_prefix: bool = True,
+    max_length: int | None = None,
 ) -> MatryoshkaPlan:
     """Plan the packed all-scale batch for processor-style inputs.
 
@@ -189,7 +193,13 @@ def plan_matryoshka(
     ``spec`` + ``num_images`` is shorthand for ``num_images`` pooled square grids
     (``fastnest.layout.pooled_grid(spec)``). ``share_prefix`` (with two or more scales): a row's text before
     its first image is packed once, as the context of every scale's sequence; the result is the same.
+    ``max_length``: each row keeps, at each scale, its first ``max_length`` tokens once its images are in (the
+    original LLaVA code truncates there, to ``tokenizer_model_max_length``); None keeps every token.
     """
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ValueError(
+            f"max_length must be a positive int (tokens per row at each scale) or None, got {max_length!r}"
+        )
     if layouts is None:
         if spec is None or num_images is None:
             raise ValueError("plan_matryoshka needs layouts=, or spec= and num_images=")
@@ -211,7 +221,7 @@ def plan_matryoshka(
     seqs = _Sequences(lab is not None)
     share = share_prefix and num_scales > 1
     for b, pieces in enumerate(rows):
-        _plan_row(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, share)
+        _plan_row(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, share, max_length)
     labels_ = seqs.labels if lab is not None else None
     packed = pack_sequences(seqs.sources, labels_, seqs.groups, seqs.contexts, seqs.context_lens)
     return MatryoshkaPlan(
@@ -226,12 +236,13 @@ def plan_matryoshka(
     )
 
 
-def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, share: bool) -> None:
-    """Add row ``b``'s sequences: its shared prefix (if any), then one per scale (one in group -1 if text-only)."""
+def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, share: bool, max_length):
+    """Add row ``b``'s sequences: its shared prefix (if any), then one per scale (one in group -1 if text-only),
+    each row at each scale cut to ``max_length`` tokens (prefix included)."""
     has_images = any(images for _, images in pieces)
     prefix, before = -1, [0] * num_scales
     if share and has_images:
-        prefix, before = _shared_prefix(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales)
+        prefix, before = _shared_prefix(seqs, b, pieces, text_pos, lab, layouts, offsets, num_scales, max_length)
     for k in range(num_scales) if has_images else (-1,):
         src, tgt = [], []
         for cols, images in pieces:
@@ -242,24 +253,25 @@ def _plan_row(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_
                 tokens = layouts[i].tokens[k]
                 src.append(offsets[i] + tokens)
                 tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))
-        seqs.add(src, tgt, k, prefix, b, before[k] if k >= 0 else 0)
+        keep = None if max_length is None else max_length - (before[k] if k >= 0 else 0)
+        seqs.add(src, tgt, k, prefix, b, before[k] if k >= 0 else 0, keep)
 
 
-def _shared_prefix(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int):
+def _shared_prefix(seqs: _Sequences, b, pieces, text_pos, lab, layouts, offsets, num_scales: int, max_length):
     """Pack what every scale's sequence of row ``b`` begins with, once (group -1: its targets count towards
-    every scale), taking it off ``pieces``: the text before the first image, and the first image's tokens at
-    its largest scale when the other scales' tokens begin them. Returns ``(prefix sequence or -1, how many of
-    its tokens each scale continues)``."""
+    every scale), taking it off ``pieces``: the text before the first image (at most ``max_length`` tokens), and
+    the first image's tokens at its largest scale when the other scales' tokens begin them (and the row is not
+    cut inside them). Returns ``(prefix sequence or -1, how many of its tokens each scale continues)``."""
     src, tgt = [], []
     if not pieces[0][1]:
-        cols = pieces.pop(0)[0]
+        cols = pieces.pop(0)[0][:max_length]
         src.append(text_pos[b, cols])
         tgt.append(lab[b, cols] if lab is not None else None)
     text = sum(t.numel() for t in src)
     before = [text] * num_scales
     cols, images = pieces[0]
     first = layouts[images[0]]
-    if first.nested is not None:
+    if first.nested is not None and (max_length is None or text + first.count(first.nested) <= max_length):
         tokens = first.tokens[first.nested]
         src.append(offsets[images[0]] + tokens)
         tgt.append(torch.full((tokens.numel(),), IGNORE_INDEX, dtype=torch.long))

@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from .attention import VarlenInfo
 from .dispatch import resolve_backend
 from .layout import ImageLayout
+from .ops.cross_entropy.function import fused_linear_cross_entropy
 from .packing import PackedSequences
 from .plan import MatryoshkaPlan, plan_matryoshka
 
@@ -74,6 +75,7 @@ def plan_batch(
     *,
     image_token_id: int,
     share_prefix: bool,
+    max_length: int | None = None,
 ) -> tuple[MatryoshkaPlan, torch.Tensor]:
     """Plan the batch over the images' layouts, then compute its source rows (vision runs once per image)."""
     with record_function("fastnest.plan"):  # a named range for profiles (bench/profile_step.py)
@@ -84,6 +86,7 @@ def plan_batch(
             image_token_id=image_token_id,
             layouts=model.image_layouts(pixel_values),
             share_prefix=share_prefix,
+            max_length=max_length,
         )
     visual = model.visual_rows(pixel_values) if plan.num_images else None
     return plan, source_rows(model, plan, input_ids, visual)
@@ -99,11 +102,13 @@ def packed_step(
     image_token_id: int,
     attention: str = "auto",
     share_prefix: bool = True,
+    max_length: int | None = None,
 ) -> StepOutput:
     """Every (row, scale) sequence of a padded batch in one packed language-model pass.
 
     ``attention``: "auto" or a backend name, resolved by ``fastnest.dispatch`` for the source's device and the
     dtype the decoder computes in (the autocast dtype when autocast is on), with a backward when grad is on.
+    ``max_length``: each row's tokens kept at each scale (``plan_matryoshka``); None keeps all.
     """
     plan, source = plan_batch(
         model,
@@ -113,6 +118,7 @@ def packed_step(
         pixel_values,
         image_token_id=image_token_id,
         share_prefix=share_prefix,
+        max_length=max_length,
     )
     if plan.packed.total == 0:
         raise ValueError(f"the batch holds no tokens (input_ids of shape {tuple(input_ids.shape)}, all padding)")
@@ -123,3 +129,34 @@ def packed_step(
     info = VarlenInfo.from_packed(packed, device, backend)
     hidden = model.language_model(source[packed.source_index], packed.position_ids, info)
     return StepOutput(hidden=hidden[packed.logit_index], plan=plan, packed=packed, attention=backend)
+
+
+def step_loss(
+    step: StepOutput,
+    head: torch.nn.Module,
+    num_scales: int,
+    *,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, per-scale losses)`` of a packed step: each scale's token-mean next-token cross-entropy and their
+    mean, from the hidden states at the labelled positions and the output head's weight (and bias) by
+    ``fused_linear_cross_entropy`` (never more than one chunk of logits). ``num_items``: the target count to
+    divide by instead (gradient accumulation); ``backend``: its kernels (``fastnest.dispatch``).
+    """
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"the fastnest training step reads lm_head's weight for its fused loss and needs an nn.Linear, "
+            f"got {type(head).__name__}"
+        )
+    with record_function("fastnest.loss"):
+        return fused_linear_cross_entropy(
+            step.hidden.to(head.weight.device),
+            head.weight,
+            step.plan.packed.targets,  # the host copy: checked there without a device sync
+            step.plan.packed.target_group,
+            num_scales,
+            bias=head.bias,
+            num_items=num_items,
+            backend=backend,
+        )

@@ -10,7 +10,7 @@ FLOORS = [
     {"dispatch"},
     {"ops"},
     {"packing", "layout", "plan", "attention", "connectors", "step"},
-    {"hf"},
+    {"hf", "integrations"},  # beside each other: an integration never imports fastnest.hf (checked below)
     {"train", "__main__"},
 ]
 
@@ -44,4 +44,13 @@ def test_no_import_runs_back_up():
         for target in imports(path):
             if floor(target) > floor(module):
                 wrong.append(f"{module} imports {target}")
+    assert not wrong, wrong
+
+
+def test_integrations_never_import_hugging_face_code():
+    """Integrations with other codebases stand on the Hugging Face-free core only."""
+    wrong = []
+    for path in (PACKAGE / "integrations").rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        wrong += [f"{module} imports {t}" for t in imports(path) if t.split(".")[0] in ("hf", "train")]
     assert not wrong, wrong

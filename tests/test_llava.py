@@ -335,13 +335,13 @@ def test_one_vision_pass_one_packed_lm_pass_logits_only_at_labels(monkeypatch, s
     )
     fast.lm_head.register_forward_hook(lambda m, args, out: calls["head"].append(args[0].shape))
     calls["loss"] = []
-    fused = fastnest.hf.forward.fused_linear_cross_entropy
+    fused = fastnest.step.fused_linear_cross_entropy
 
     def spy_loss(hidden, weight, *args, **kwargs):
         calls["loss"].append((hidden.shape, weight is fast.lm_head.weight))
         return fused(hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(fastnest.hf.forward, "fused_linear_cross_entropy", spy_loss)
+    monkeypatch.setattr(fastnest.step, "fused_linear_cross_entropy", spy_loss)
 
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 

@@ -9,7 +9,9 @@ from fastnest.scales import MatryoshkaScales
 from tests.test_packing import IGN, IMG, PAD, check_packed, naive_pack
 
 
-def naive_plan(input_ids, attention_mask, labels, grid, scales, num_images, share_prefix=False, images=None):
+def naive_plan(
+    input_ids, attention_mask, labels, grid, scales, num_images, share_prefix=False, images=None, max_length=None
+):
     """The plan from its docstrings, by plain loops over the batch.
 
     source = [text tokens in row-major order of input_ids[valid & ~image]] + visual rows, visual row of
@@ -17,7 +19,8 @@ def naive_plan(input_ids, attention_mask, labels, grid, scales, num_images, shar
     (group = scale index); a text-only row: one sequence in group -1. Shared prefix (two or more scales): the
     text before a row's first image is a sequence of its own (group -1), the context of the row's scale
     sequences, which hold what follows it. ``images``: per image ``(grid, scales)`` when the images differ
-    (visual rows then stack each image's ``sum(scales)`` rows in turn).
+    (visual rows then stack each image's ``sum(scales)`` rows in turn). ``max_length``: each row's sequence at
+    each scale (its prefix included) is cut to its first ``max_length`` tokens.
     """
     images = images or [(grid, scales)] * num_images
     firsts = [sum(sum(sc) for _, sc in images[:i]) for i in range(len(images))]  # first visual row per image
@@ -42,11 +45,12 @@ def naive_plan(input_ids, attention_mask, labels, grid, scales, num_images, shar
             placeholders -= images[image + row_images][0] ** 2
             row_images += 1
         assert placeholders == 0
-        context = -1
+        context, room = -1, max_length
         if share_prefix and len(scales) > 1 and row_images:
             first_image = next(i for i, c in enumerate(cols) if int(input_ids[b][c]) == IMG)
-            prefix, cols = cols[:first_image], cols[first_image:]
+            prefix, cols = cols[:first_image][:max_length], cols[first_image:]
             if prefix:
+                room = None if max_length is None else max_length - len(prefix)
                 context = len(sources)
                 sources.append([text_row[(b, c)] for c in prefix])
                 seq_labels.append([int(labels[b][c]) if labels is not None else IGN for c in prefix])
@@ -69,8 +73,8 @@ def naive_plan(input_ids, attention_mask, labels, grid, scales, num_images, shar
                     assert run == 0
                     src.append(text_row[(b, c)])
                     lab.append(int(labels[b][c]) if labels is not None else IGN)
-            sources.append(src)
-            seq_labels.append(lab)
+            sources.append(src[:room])
+            seq_labels.append(lab[:room])
             groups.append(k)
             contexts.append(context)
             rows.append(b)
@@ -182,6 +186,52 @@ def test_shared_prefix_shrinks_the_packed_length(side):
     text_only = 2  # row 1: [6, 7, 8]
     assert int((shared.target_group == -1).sum()) == text_only + inside
     assert int((unshared.target_group == -1).sum()) == text_only
+
+
+@pytest.mark.parametrize("max_length", [1, 2, 4, 6, 9])
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_plan_max_length_matches_naive(max_length, share_prefix):
+    # each row at each scale keeps its first max_length tokens (the original LLaVA truncates after splicing):
+    # at scale 4 a row is cut where it is not at scale 1, and a prefix may fill the whole length
+    rows = ROWS["mixed"] + [[5, 6, 7, *I4, 8]]
+    ids, mask, labels = build_batch(rows, "right")
+    n = count_images(rows)
+    spec = MatryoshkaScales(2, (1, 4))
+    plan = plan_matryoshka(
+        ids, mask, labels, image_token_id=IMG, spec=spec, num_images=n, share_prefix=share_prefix, max_length=max_length
+    )
+    check_plan(plan, naive_plan(ids, mask, labels, 2, (1, 4), n, share_prefix, max_length=max_length), n)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_plan_max_length_must_be_positive(bad):
+    ids, mask, labels = build_batch(ROWS["text_only"], "right")
+    with pytest.raises(ValueError, match=rf"max_length must be a positive int .* got {bad!r}"):
+        plan_matryoshka(
+            ids, mask, labels, image_token_id=IMG, spec=MatryoshkaScales(2, (1, 4)), num_images=0, max_length=bad
+        )
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_plan_one_marker_per_image_is_the_expanded_batch(share_prefix):
+    # the original LLaVA marks each image with ONE token: pooled_grid(spec, placeholders=1) plans that batch as
+    # the batch with each marker expanded to the grid's grid² placeholders
+    marked = [[1, 2, IMG, 3, 4, 5], [6, 7, 8], [9, IMG, 10, 11, IMG, 12], [13, IMG, IMG, 14, 15]]
+    expanded = [[t for v in row for t in (I4 if v == IMG else [v])] for row in marked]
+    spec = MatryoshkaScales(2, (1, 4))
+    one = plan_matryoshka(
+        *build_batch(marked, "right"), image_token_id=IMG, layouts=[pooled_grid(spec, 1)] * 5, share_prefix=share_prefix
+    )
+    full = plan_matryoshka(
+        *build_batch(expanded, "right"), image_token_id=IMG, spec=spec, num_images=5, share_prefix=share_prefix
+    )
+    for name in ("cu_seqlens", "position_ids", "source_index", "logit_index", "targets", "target_group"):
+        assert getattr(one.packed, name).tolist() == getattr(full.packed, name).tolist(), name
+    assert (one.num_text, one.visual_offsets, one.sequence_row) == (
+        full.num_text,
+        full.visual_offsets,
+        full.sequence_row,
+    )
 
 
 def test_plan_without_labels_and_mask():

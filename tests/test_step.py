@@ -165,3 +165,6 @@ def test_layout_checks():
     assert (layout.placeholders, layout.rows) == (16, 21)
     assert [t.tolist() for t in layout.tokens] == [list(range(16)), [16], [17, 18, 19, 20]]
     assert pooled_grid(MatryoshkaScales(4, (16, 1, 4))) is layout  # cached per scale set
+    marker = pooled_grid(MatryoshkaScales(4, (16, 1, 4)), placeholders=1)  # one token marks the image
+    assert (marker.placeholders, marker.rows) == (1, 21)
+    assert [t.tolist() for t in marker.tokens] == [t.tolist() for t in layout.tokens]

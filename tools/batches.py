@@ -7,6 +7,20 @@ from dataclasses import dataclass
 import torch
 
 IMG = "img"
+SYSTEM_PROMPT = 35  # tokens before the image in LLaVA-1.5's template
+
+
+def mixed_rows(batch_size: int = 4, seed: int = 0) -> list[list]:
+    """The step benchmark's rows (segments as ``make_batch`` takes them): 40-400 text tokens each, a 35-token
+    system prompt, the image, a question, then the answer (the last half of the post-image text)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch_size):
+        text = int(torch.randint(40, 401, (1,), generator=g))
+        after = text - SYSTEM_PROMPT if text > SYSTEM_PROMPT + 2 else 2
+        question = after // 2
+        rows.append([SYSTEM_PROMPT, IMG, question, after - question])
+    return rows
 
 
 @dataclass

@@ -12,9 +12,8 @@ from torch.profiler import record_function
 
 from ..attention import VarlenInfo
 from ..constants import IGNORE_INDEX
-from ..ops.cross_entropy.function import fused_linear_cross_entropy
 from ..scales import TokenCounts
-from ..step import StepOutput, packed_step
+from ..step import StepOutput, packed_step, step_loss
 from . import attention as hf_attention
 from . import inference
 from .output import MatryoshkaCausalLMOutput
@@ -84,31 +83,12 @@ def training_step(model, input_ids, attention_mask, pixel_values, labels, *, num
     state, step = packed_pass(
         model, input_ids, attention_mask, labels, pixel_values, vision_options=vision_options, spec=spec
     )
-    loss, per_scale = _answer_loss(state.adapter.lm_head(model), step, len(spec.scales), num_items, state)
+    loss, per_scale = step_loss(
+        step, state.adapter.lm_head(model), len(spec.scales), num_items=num_items, backend=state.backend
+    )
     return MatryoshkaCausalLMOutput(
         loss=loss, scale_losses=per_scale.detach(), lm_tokens=step.lm_tokens, scales=spec.scales
     )
-
-
-def _answer_loss(head, step: StepOutput, num_scales: int, num_items, state: PatchState):
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(
-            f"the fastnest training step reads lm_head's weight for its fused loss and needs an nn.Linear, "
-            f"got {type(head).__name__}"
-        )
-    device = head.weight.device
-    # Hidden states at labelled positions only; the fused loss never holds more than one chunk of their logits.
-    with record_function("fastnest.loss"):
-        return fused_linear_cross_entropy(
-            step.hidden.to(device),
-            head.weight,
-            step.plan.packed.targets,  # the host copy: checked there without a device sync
-            step.plan.packed.target_group,
-            num_scales,
-            bias=head.bias,
-            num_items=num_items,
-            backend=state.backend,
-        )
 
 
 def _labels_from_shifted(labels, shift_labels):
