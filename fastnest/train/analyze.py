@@ -1,5 +1,8 @@
 """Granularity analysis: accuracy of every sample at every scale, per question type, and the oracle.
 
+A scale is a pooled scale (LLaVA, M3) or a token count of a query transformer (MQT-LLaVA: by default the
+log-spaced counts 2, 4, 8, 16, 36, 64, 144 below M, then M); the analysis treats both alike.
+
 Scoring (teacher-forced exact match): a sample is correct at a scale when, with the reference conversation
 fed in, the model's argmax at every labelled position (each assistant answer token and its end-of-sequence
 token) is the reference token. That is exactly "greedy decoding reproduces the answer and stops", without
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..hf.state import patch_state
+from ..scales import TokenCounts
 from .data_llava import BadSamples, Batch, Collator
 from .prefill import multiscale_logits
 from .template import SYSTEM_V1
@@ -38,11 +42,13 @@ class Scores:
     seconds: float
 
 
-def score_batch(model, batch: Batch) -> torch.Tensor:
-    """bool ``[rows, scales]``: every labelled token of the row is the argmax at that scale."""
+def score_batch(model, batch: Batch, spec: TokenCounts | None = None) -> torch.Tensor:
+    """bool ``[rows, scales]``: every labelled token of the row is the argmax at that scale of ``spec``
+    (default: the patch's scales)."""
+    spec = patch_state(model).spec if spec is None else spec
     inputs = {k: v.to(model.device) for k, v in batch.inputs.items()}
-    out = multiscale_logits(model, **inputs)
-    num_scales = len(patch_state(model).spec.scales)
+    out = multiscale_logits(model, **inputs, spec=spec)
+    num_scales = len(spec.scales)
     hit = (out.logits.argmax(-1) == out.targets).long()
     rows = out.row.long()
     # A text-only row's targets (scale index -1) are shared by every scale.
@@ -63,10 +69,20 @@ def score_batch(model, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model, processor, examples, *, batch_size: int, max_length: int, system: str, bad: BadSamples, progress=None
+    model,
+    processor,
+    examples,
+    *,
+    batch_size: int,
+    max_length: int,
+    system: str,
+    bad: BadSamples,
+    progress=None,
+    spec: TokenCounts | None = None,
 ) -> Scores:
-    """Score every example of ``examples`` (``__len__`` + ``example(i, bad)``) at every configured scale."""
-    spec = patch_state(model).spec
+    """Score every example of ``examples`` (``__len__`` + ``example(i, bad)``) at every scale of ``spec``
+    (default: the patch's scales)."""
+    spec = patch_state(model).spec if spec is None else spec
     collate = Collator(processor, spec.tokens_per_image, max_length, system)
     was_training = model.training
     model.eval()
@@ -77,7 +93,7 @@ def evaluate(
             batch = collate([examples.example(i, bad) for i in idx], bad)
             if batch is None:
                 continue
-            rows.append(score_batch(model, batch))
+            rows.append(score_batch(model, batch, spec))
             types.extend(batch.question_types)
             passes += 1
             if progress is not None:
@@ -139,13 +155,14 @@ def analyze_model(
     scales: tuple[int, ...] | None = None,
     progress=None,
 ) -> dict:
-    """Load a run's model (patched with the given scales, else its saved ones, else the defaults) and summarise
-    it on ``examples``."""
+    """Load a run's model (patched with the given scales, else its saved ones, else the defaults; an MQT-LLaVA
+    with the given token counts, else the log-spaced ones up to M) and summarise it on ``examples``."""
     from .model import load_patched, read_settings
 
     settings = read_settings(model_dir)
     model, processor = load_patched(model_dir, scales)
     model.to(device)
+    spec = patch_state(model).training_spec()  # load_patched fixes them: the scales, or the counts, to evaluate
     scores = evaluate(
         model,
         processor,
@@ -155,5 +172,6 @@ def analyze_model(
         system=settings.get("system", SYSTEM_V1),
         bad=bad,
         progress=progress,
+        spec=spec,
     )
     return summarize(scores, type_order)

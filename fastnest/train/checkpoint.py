@@ -4,7 +4,8 @@ A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkp
 complete, so a process killed while saving leaves the previous checkpoints intact; leftovers are removed on
 the next start. It holds the model (``model/``: Hugging Face ``save_pretrained``, safetensors, processor and
 fastnest settings), ``trainer_state.pt`` (optimizer, scheduler, step, data position), each process's RNG
-state (``rng-rank<r>.pt``) and ``trajectory.json`` (the options a resume must match, ``resume.py``).
+state (``rng-rank<r>.pt``: Python, NumPy, torch, and the generator of a patch that draws each step's token
+counts, MQT's ``released`` / ``random:K``) and ``trajectory.json`` (the options a resume must match, ``resume.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hf.state import patch_state
 from .distributed import Dist, unwrap
 from .model import save_run_model
 from .resume import TRAJECTORY_FILE
@@ -43,6 +45,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _count_draw(model) -> random.Random | None:
+    """The generator of the patch's per-step token-count draw (``patch_mqt_llava``'s ``CountDraw``), if any."""
+    return getattr(patch_state(model).draw, "rng", None)
 
 
 def _full_state_dicts(model, optimizer, strategy: str) -> tuple[dict, dict]:
@@ -106,7 +113,10 @@ def save(
         if trajectory is not None:  # the options a resume is checked against (resume.py)
             (tmp / TRAJECTORY_FILE).write_text(json.dumps(trajectory, indent=2, default=list) + "\n")
     d.barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{d.rank}.pt")
+    draw = _count_draw(model)
+    torch.save(
+        {**rng_state(), **({"count_draw": draw.getstate()} if draw is not None else {})}, tmp / f"rng-rank{d.rank}.pt"
+    )
     d.barrier()
     if d.main:
         _fsync_tree(tmp)
@@ -163,8 +173,8 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def load_state(checkpoint: Path, optimizer, scheduler, strategy: str, model, d: Dist, scaler=None) -> dict:
-    """Restore optimizer, scheduler, grad scaler (when both have one) and this process's RNG; return the saved
-    progress."""
+    """Restore optimizer, scheduler, grad scaler (when both have one), this process's RNG and the patch's count
+    draw; return the saved progress."""
     state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False)
     if state["world"] != d.world:
         raise ValueError(
@@ -181,5 +191,14 @@ def load_state(checkpoint: Path, optimizer, scheduler, strategy: str, model, d: 
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(torch.load(checkpoint / f"rng-rank{d.rank}.pt", weights_only=False))
+    rng = torch.load(checkpoint / f"rng-rank{d.rank}.pt", weights_only=False)
+    set_rng_state(rng)
+    draw = _count_draw(model)
+    if draw is not None:
+        if "count_draw" not in rng:
+            raise ValueError(
+                f"checkpoint {checkpoint} holds no state of the per-step token-count draw (--num-tokens released or "
+                "random:K), so the resumed run would draw other counts; resume from a checkpoint of this run"
+            )
+        draw.setstate(rng["count_draw"])
     return state["progress"]

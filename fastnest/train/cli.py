@@ -37,8 +37,9 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     d = TrainConfig()
     p = parser or argparse.ArgumentParser(prog="fastnest train")
     p.description = (
-        "Train a LLaVA model on every Matryoshka scale at once. Without --model/--data: a tiny LLaVA from scratch on "
-        "the built-in synthetic visual-question set (about 7 minutes on 2 CPU cores), then the granularity analysis."
+        "Train a LLaVA model on every Matryoshka scale at once (--connector mqt: an MQT-LLaVA on its token counts). "
+        "Without --model/--data: a tiny model from scratch on the built-in synthetic visual-question set (about 7 "
+        "minutes on 2 CPU cores), then the granularity analysis."
     )
     _model_and_data_options(p.add_argument_group("model and data"), d)
     _optimisation_options(p.add_argument_group("optimisation"), d, DEFAULT_STEPS)
@@ -47,14 +48,47 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _model_and_data_options(g, d) -> None:
+    from .config import CONNECTORS, DEFAULT_NUM_QUERIES, QUERY_KEYS
+
     g.add_argument("--output-dir", default=d.output_dir, help="run directory (default: %(default)s)")
-    g.add_argument("--model", help="Hugging Face LLaVA directory (default: the built-in tiny model, from scratch)")
+    g.add_argument(
+        "--model",
+        help="Hugging Face LLaVA (or, with --connector mqt, mqt_llava) directory (default: the built-in tiny model, "
+        "from scratch)",
+    )
     g.add_argument("--data", help="LLaVA conversation-format .json (array) or .jsonl (default: built-in synthetic)")
     g.add_argument("--image-folder", help="root of the image paths in --data (default: the file's folder)")
     g.add_argument("--eval-data", help="data for the analysis at the end (default: the synthetic evaluation split)")
     g.add_argument("--eval-image-folder")
     g.add_argument(
-        "--scales", type=_scales, default=DEFAULT_SCALES, help="visual-token scales (default: 1,9,36,144,576)"
+        "--connector",
+        choices=CONNECTORS,
+        default=d.connector,
+        help="pooled: LLaVA-1.5's projector pooled to --scales (M3); mqt: a Matryoshka Query Transformer trained "
+        "on --num-tokens (MQT-LLaVA) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--scales",
+        type=_scales,
+        help=f"visual-token scales, --connector pooled (default: {','.join(map(str, DEFAULT_SCALES))})",
+    )
+    g.add_argument(
+        "--num-tokens",
+        help="--connector mqt: token counts per step: released (one of 2,4,...,M per step, as the release), random:K "
+        "(K of them per step) or a list such as 2,8,32,64 (every one each step) (default: 2,4,8,16,36,64,144 below "
+        "M, then M)",
+    )
+    g.add_argument(
+        "--num-queries",
+        type=_positive,
+        help=f"--connector mqt, built-in model: its queries M, a square whose side divides 48 "
+        f"(default: {DEFAULT_NUM_QUERIES})",
+    )
+    g.add_argument(
+        "--query-keys",
+        choices=QUERY_KEYS,
+        help="--connector mqt, built-in model: positional (the release's keys) or features (the paper's "
+        "cross-attention) (default: positional)",
     )
     g.add_argument("--max-length", type=int, default=d.max_length, help="longest row in tokens, images included")
     g.add_argument("--on-bad-sample", choices=("skip", "fail"), default=d.on_bad_sample)
@@ -130,8 +164,8 @@ def _run_options(r, d) -> None:
 def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="fastnest analyze")
     p.description = (
-        "Accuracy of a model at every visual-token scale, per question type, with the per-sample oracle; one packed "
-        "multi-scale prefill per batch. Writes report.json, report.md and report.png."
+        "Accuracy of a model at every visual-token scale (an MQT-LLaVA: token count), per question type, with the "
+        "per-sample oracle; one packed multi-scale prefill per batch. Writes report.json, report.md and report.png."
     )
     p.add_argument("--model", required=True, help="a run's model directory (or a run directory holding model/)")
     p.add_argument(
@@ -147,7 +181,12 @@ def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     p.add_argument("--max-length", type=_positive, help="longest row (default: the run's)")
     p.add_argument("--on-bad-sample", choices=("skip", "fail"), default="fail")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--scales", type=_scales, help="scales to evaluate (default: the run's, else 1,9,36,144,576)")
+    p.add_argument(
+        "--scales",
+        type=_scales,
+        help="scales to evaluate (default: the run's, else 1,9,36,144,576); of an MQT-LLaVA, token counts in 1..M "
+        "(default: 2,4,8,16,36,64,144 below M, then M)",
+    )
     return p
 
 
@@ -171,7 +210,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .storage import check_output_dir
 
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
+    if (model_dir / "model" / "config.json").is_file():  # a run directory (its own config.json is the run's)
         model_dir = model_dir / "model"
     out = Path(args.output_dir) if args.output_dir else model_dir.parent
     check_output_dir(out)  # before the evaluation time is spent
@@ -217,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight loading/saving bars would break fastnest's own progress line
     parser = argparse.ArgumentParser(prog="fastnest", description="Matryoshka multimodal training and analysis")
     sub = parser.add_subparsers(dest="command", required=True)
-    train_parser(sub.add_parser("train", help="train a LLaVA on every scale (default: the built-in CPU run)"))
+    train_parser(
+        sub.add_parser("train", help="train a LLaVA on every scale, or an MQT-LLaVA (default: the built-in CPU run)")
+    )
     analyze_parser(sub.add_parser("analyze", help="accuracy per scale and question type, with the oracle"))
     plot_parser(sub.add_parser("plot", help="a run's training curves and analysis figure (PNG/SVG)"))
     args = parser.parse_args(argv)

@@ -7,20 +7,30 @@ from dataclasses import dataclass
 
 from ..constants import DEFAULT_SCALES
 from ..hf.adapter import PARTS
+from .query_counts import num_tokens_text
 from .resume import check_override_names
 from .scaling import check_precision
 from .template import SYSTEM_V1
+
+CONNECTORS = ("pooled", "mqt")  # LLaVA's projector pooled to scales (M3); a Matryoshka Query Transformer (MQT)
+DEFAULT_NUM_QUERIES = 144  # the built-in MQT-LLaVA's M: log-spaced counts 2..144, a 12x12 query grid
+QUERY_KEYS = ("positional", "features")
+MQT_OPTIONS = ("num_tokens", "num_queries", "query_keys")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    model: str | None = None  # Hugging Face LLaVA directory; None: the built-in tiny model
+    model: str | None = None  # Hugging Face LLaVA / MQT-LLaVA directory; None: the built-in tiny model
+    connector: str = "pooled"  # "pooled": LLaVA-1.5 trained on pooled scales (M3); "mqt": MQT-LLaVA
     data: str | None = None  # LLaVA conversation JSON / JSONL; None: the built-in synthetic set
     image_folder: str | None = None
     eval_data: str | None = None
     eval_image_folder: str | None = None
-    scales: tuple[int, ...] = DEFAULT_SCALES
+    scales: tuple[int, ...] | None = None  # pooled only; None: DEFAULT_SCALES
+    num_tokens: str | None = None  # mqt only (query_counts.py); None: the log-spaced counts up to M
+    num_queries: int | None = None  # mqt, built-in model only; None: DEFAULT_NUM_QUERIES
+    query_keys: str | None = None  # mqt, built-in model only: "positional" (the release, default) or "features"
     steps: int | None = None  # default: 1 epoch of --data, or the built-in run's length
     batch_size: int = 8  # per process and micro-batch
     grad_accum: int = 1
@@ -54,7 +64,7 @@ class TrainConfig:
     resume_override: tuple[str, ...] = ()  # trajectory options allowed to differ from the checkpoint's on --resume
 
     def __post_init__(self) -> None:
-        self.scales = tuple(self.scales)
+        _check_connector_options(self)
         if self.freeze is None:
             # The built-in tower stays at its random init: trained from scratch, its features of the colours that
             # only the rare questions need collapsed onto the background colours' (LLaVA keeps CLIP frozen too).
@@ -68,6 +78,42 @@ class TrainConfig:
         _check_values(self)
         if self.data is None and self.image_folder is not None:
             raise ValueError("--image-folder needs --data")
+
+
+def _check_connector_options(cfg: TrainConfig) -> None:
+    """Each connector's options only with it (naming the option and the fix); the defaults filled in."""
+    if cfg.connector not in CONNECTORS:
+        raise ValueError(f"--connector {cfg.connector!r}: choose one of {', '.join(CONNECTORS)}")
+    if cfg.connector == "pooled":
+        for name in MQT_OPTIONS:
+            if getattr(cfg, name) is not None:
+                raise ValueError(
+                    f"{_flag(name)} is an option of --connector mqt (the query transformer); pass --connector mqt "
+                    f"to train an MQT-LLaVA, or drop {_flag(name)} (the pooled connector's token counts are --scales)"
+                )
+        cfg.scales = tuple(DEFAULT_SCALES if cfg.scales is None else cfg.scales)
+        return
+    if cfg.scales is not None:
+        raise ValueError(
+            "--scales is an option of --connector pooled (the pooled grid's scales); with --connector mqt the "
+            "token counts are --num-tokens (e.g. 2,8,32,64, released or random:4)"
+        )
+    if cfg.num_tokens is not None:
+        cfg.num_tokens = num_tokens_text(cfg.num_tokens)
+    if cfg.model is not None:
+        for name in ("num_queries", "query_keys"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(
+                    f"{_flag(name)} shapes the built-in MQT-LLaVA; the model of --model {cfg.model} has its own "
+                    f"(its config.json): drop {_flag(name)}"
+                )
+        return
+    cfg.num_queries = DEFAULT_NUM_QUERIES if cfg.num_queries is None else cfg.num_queries
+    cfg.query_keys = "positional" if cfg.query_keys is None else cfg.query_keys
+    if not isinstance(cfg.num_queries, int) or cfg.num_queries < 1:
+        raise ValueError(f"--num-queries must be a positive integer, got {cfg.num_queries!r}")
+    if cfg.query_keys not in QUERY_KEYS:
+        raise ValueError(f"--query-keys {cfg.query_keys!r}: choose one of {', '.join(QUERY_KEYS)}")
 
 
 def _check_values(cfg: TrainConfig) -> None:

@@ -1,4 +1,5 @@
-"""Building, loading and saving the model a run trains: a Hugging Face LLaVA directory plus fastnest settings."""
+"""Building, loading and saving the model a run trains: a Hugging Face LLaVA (or MQT-LLaVA) directory plus
+fastnest settings."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from ..hf import patch
+from ..hf import MQTLlavaConfig, MQTLlavaForConditionalGeneration, patch, processor_for_queries
 from ..hf.tiny import tiny_llava
 from ..scales import DEFAULT_SCALES
+from .query_counts import log_spaced_counts
 from .tiny_processor import PATCH_SIZE, synthetic_processor
 
 SETTINGS_FILE = "fastnest.json"
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "mqt_llava": MQTLlavaForConditionalGeneration}
+CONNECTOR_OF = {"llava": "pooled", "mqt_llava": "mqt"}  # model_type -> the --connector that trains it
 
 
 def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -48,8 +52,47 @@ def default_model_and_processor(seed: int = 0):
     return default_model(len(tok), tok.image_token_id, seed), processor
 
 
+def default_mqt_model_and_processor(seed: int, num_queries: int, query_keys: str):
+    """The built-in MQT-LLaVA: the built-in LLaVA's tower and Llama, a query transformer of ``num_queries``
+    queries (4 heads over the tower's 32 channels) in place of its projector; a processor writing M placeholders
+    per image."""
+    try:
+        processor = processor_for_queries(synthetic_processor(), num_queries)
+    except ValueError as e:
+        raise ValueError(f"--num-queries {num_queries}: {e}") from None
+    tok = processor.tokenizer
+    base = default_model(len(tok), tok.image_token_id, seed).config
+    config = MQTLlavaConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=tok.image_token_id,
+        vision_feature_layer=base.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        num_queries=num_queries,
+        query_heads=4,
+        query_keys=query_keys,
+    )
+    config._attn_implementation = base._attn_implementation
+    torch.manual_seed(seed)
+    return MQTLlavaForConditionalGeneration(config), processor
+
+
+def model_type_of(path: str | Path) -> str | None:
+    """``model_type`` of a Hugging Face model directory's config.json (None when it names none)."""
+    return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+
+
+def connector_of(model) -> str:
+    """The ``--connector`` that trains ``model``: ``"pooled"`` (LLaVA) or ``"mqt"`` (MQT-LLaVA)."""
+    return CONNECTOR_OF.get(model.config.model_type, "pooled")
+
+
 def load_model_and_processor(path: str | Path, dtype: torch.dtype | str | None = None, meta: bool = False):
-    """A Hugging Face LLaVA directory (weights, config, processor), as saved by ``save_run_model``.
+    """A Hugging Face LLaVA or MQT-LLaVA (``model_type`` mqt_llava) directory (weights, config, processor), as
+    saved by ``save_run_model``.
+
+    ``meta``: the model is built from its config on the meta device and no weights are read (an FSDP2 rank
+    other than 0, whose shards ``fastnest.train.distributed.wrap`` fills from rank 0).
 
     ``meta``: the model is built from its config on the meta device and no weights are read (an FSDP2 rank
     other than 0, whose shards ``fastnest.train.distributed.wrap`` fills from rank 0).
@@ -65,14 +108,13 @@ def load_model_and_processor(path: str | Path, dtype: torch.dtype | str | None =
     if not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
         raise ValueError(f"dtype must be a torch.dtype, 'auto' or None (float32), got {dtype!r}")
     dtype = torch.float32 if dtype is None else dtype
+    model_class = MODEL_CLASSES.get(model_type_of(path), LlavaForConditionalGeneration)
     if meta:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            model = LlavaForConditionalGeneration._from_config(
-                config, dtype=_stored(config) if dtype == "auto" else dtype
-            )
+            model = model_class._from_config(config, dtype=_stored(config) if dtype == "auto" else dtype)
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = model_class.from_pretrained(path, dtype=dtype)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -94,8 +136,15 @@ def read_settings(path: str | Path) -> dict:
 
 def load_patched(path: str | Path, scales: tuple[int, ...] | None = None, dtype: torch.dtype | str | None = None):
     """Load a run's model and processor (float32 unless ``dtype`` says otherwise) and patch it with the saved
-    (or given) scales."""
+    (or given) scales; an MQT-LLaVA with the given token counts, else the log-spaced ones up to M, as fixed
+    counts (``training_spec()`` is then those counts: what the analysis evaluates)."""
     model, processor = load_model_and_processor(path, dtype)
+    if connector_of(model) == "mqt":
+        counts = tuple(scales) if scales else log_spaced_counts(model.config.num_queries)
+        try:
+            return patch(model, num_tokens=counts), processor
+        except ValueError as e:
+            raise ValueError(f"--scales {','.join(map(str, counts))}: {e}") from None
     chosen = tuple(scales or read_settings(path).get("scales") or DEFAULT_SCALES)
     return patch(model, scales=chosen), processor
 

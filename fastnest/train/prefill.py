@@ -1,6 +1,7 @@
 """Every scale's answer logits in ONE packed forward: the training step's packed pass, without the loss.
 
-Vision tower and connector run once per image; every (sample, scale) sequence is packed into one varlen
+A scale is a pooled scale or a query transformer's token count (``fastnest.scales.TokenCounts``). Vision tower
+and connector run once per image; every (sample, scale) sequence is packed into one varlen
 language-model pass (``fastnest.step.packed_step``, the training step's own), and ``lm_head`` is applied only
 at the positions that predict labelled tokens. Evaluating each scale separately would run the tower and the
 text once per scale.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..hf.forward import packed_pass
+from ..scales import TokenCounts
 
 
 @dataclass(frozen=True)
@@ -22,15 +24,17 @@ class ScaleLogits:
     logits: torch.Tensor  # [T, vocab] (float32)
     targets: torch.Tensor  # [T]
     row: torch.Tensor  # [T] batch row of each target
-    scale_index: torch.Tensor  # [T] index into the model's scales; -1: a text-only row (the same at every scale)
+    scale_index: torch.Tensor  # [T] index into the scales; -1: a text-only row (the same at every scale)
 
 
 @torch.no_grad()
-def multiscale_logits(model, input_ids, attention_mask, labels, pixel_values=None) -> ScaleLogits:
-    """Logits of every scale at the labelled positions of a padded processor-style batch (one LM pass), with
-    the patch's attention backend and kernels."""
+def multiscale_logits(
+    model, input_ids, attention_mask, labels, pixel_values=None, spec: TokenCounts | None = None
+) -> ScaleLogits:
+    """Logits of every scale of ``spec`` (default: the patch's) at the labelled positions of a padded
+    processor-style batch (one LM pass), with the patch's attention backend and kernels."""
     # one sequence per (row, scale): each scale's answer logits stand on their own
-    state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, share_prefix=False)
+    state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, share_prefix=False, spec=spec)
     packed = step.packed
     logits = state.adapter.lm_head(model)(step.hidden).float()
     sequence = torch.searchsorted(packed.cu_seqlens.long(), packed.logit_index, right=True) - 1

@@ -33,9 +33,30 @@ OVERRIDABLE = (
     "dtype",
 )
 # Options added after checkpoints began saving their trajectory: a checkpoint without one ran with this value.
-ADDED_LATER = {"fp16": False, "dtype": "float32"}
+ADDED_LATER = {
+    "fp16": False,
+    "dtype": "float32",
+    "connector": "pooled",
+    "num_tokens": None,
+    "num_queries": None,
+    "query_keys": None,
+}
 # Never: another data order, another model definition or other optimizer groups.
-FIXED = ("data", "data_sha256", "scales", "batch_size", "grad_accum", "seed", "freeze", "system", "synthetic_turns")
+FIXED = (
+    "data",
+    "data_sha256",
+    "connector",
+    "scales",
+    "num_tokens",
+    "num_queries",
+    "query_keys",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "freeze",
+    "system",
+    "synthetic_turns",
+)
 
 
 def check_override_names(names: tuple[str, ...]) -> None:
@@ -66,7 +87,7 @@ def trajectory(cfg) -> dict:
         "data": str(Path(cfg.data).resolve()) if cfg.data is not None else "built-in synthetic",
         "data_sha256": file_sha256(cfg.data) if cfg.data is not None else None,
         "image_folder": str(Path(cfg.image_folder).resolve()) if cfg.image_folder is not None else None,
-        "scales": list(cfg.scales),
+        "scales": list(cfg.scales) if cfg.scales is not None else None,  # None: an MQT run (num_tokens)
         "freeze": list(cfg.freeze),
     }
     for name in OVERRIDABLE + FIXED:

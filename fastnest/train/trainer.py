@@ -21,15 +21,22 @@ import numpy as np
 import torch
 
 from ..hf import patch, patch_state
-from ..scales import MatryoshkaScales
+from ..scales import TokenCounts
 from ..version import __version__
 from . import checkpoint, distributed, metrics, optim, resume, scaling
 from .config import DEFAULT_STEPS, TrainConfig
 from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, Order, SyntheticExamples
 from .data_synthetic import TRAIN_DOT_SIZES
 from .guards import NonFiniteError, NonFiniteGuard, nonfinite_parameters
-from .model import default_model_and_processor, load_model_and_processor, save_run_model
+from .model import (
+    connector_of,
+    default_model_and_processor,
+    default_mqt_model_and_processor,
+    load_model_and_processor,
+    save_run_model,
+)
 from .progress import Progress
+from .query_counts import num_tokens_option, resolved_num_tokens
 from .run_analysis import SYNTHETIC_EVAL_SEED, analyze_run, eval_examples
 from .signals import Interrupted, StopRequest, stop_on_signals
 from .storage import DiskFullError, check_output_dir, replace_dir, writing
@@ -45,10 +52,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _settings(cfg: TrainConfig, spec: MatryoshkaScales) -> dict:
+def _settings(cfg: TrainConfig, spec: TokenCounts) -> dict:
+    if cfg.connector == "mqt":  # an MQT-LLaVA: its M and what it trained on (the analysis shows log-spaced counts)
+        counts = {"num_queries": spec.num_queries, "num_tokens": resolved_num_tokens(cfg.num_tokens, spec.num_queries)}
+    else:
+        counts = {"scales": list(spec.scales), "grid": spec.grid}
     return {
-        "scales": list(spec.scales),
-        "grid": spec.grid,
+        "connector": cfg.connector,
+        **counts,
         "template": "llava_v1",
         "system": cfg.system,
         "max_length": cfg.max_length,
@@ -76,7 +87,7 @@ class _Run:
     model: torch.nn.Module
     wrapped: torch.nn.Module
     processor: object
-    spec: MatryoshkaScales
+    spec: TokenCounts  # the counts inference allows; a step's own are its output's ``scales``
     examples: object
     order: Order
     collate: Collator
@@ -112,19 +123,35 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _load(cfg: TrainConfig, resume_from: Path | None, meta: bool = False):
-    """The model (patched with the run's scales) and processor to train, its weights in ``--dtype``;
-    ``meta``: built on the meta device, weights unread (FSDP2's ranks other than 0)."""
+    """The model (patched with the run's scales or token counts) and processor to train, its weights in
+    ``--dtype``; ``meta``: built on the meta device, weights unread (FSDP2's ranks other than 0)."""
     dtype = getattr(torch, cfg.dtype)
     if resume_from is not None:
         model, processor = load_model_and_processor(resume_from / "model", dtype, meta)
     elif cfg.model is not None:
         model, processor = load_model_and_processor(cfg.model, dtype, meta)
+    elif cfg.connector == "mqt":
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = default_mqt_model_and_processor(cfg.seed, cfg.num_queries, cfg.query_keys)
+        model.to(dtype)
     else:
         with torch.device("meta") if meta else contextlib.nullcontext():
             model, processor = default_model_and_processor(cfg.seed)
         model.to(dtype)
-    patch(model, scales=cfg.scales)
-    return model, processor
+    if connector_of(model) != cfg.connector:
+        source = f"--resume {resume_from}" if resume_from is not None else f"--model {cfg.model}"
+        raise ValueError(
+            f"{source} is a {model.config.model_type!r} model, trained with --connector "
+            f"{connector_of(model)}; got --connector {cfg.connector}: pass --connector {connector_of(model)} or "
+            f"another model"
+        )
+    if cfg.connector == "pooled":
+        return patch(model, scales=cfg.scales), processor
+    num_tokens = resolved_num_tokens(cfg.num_tokens, model.config.num_queries)
+    try:  # "released" and "random:K" draw each step's counts from --seed: the same on every process
+        return patch(model, num_tokens=num_tokens_option(num_tokens), seed=cfg.seed), processor
+    except ValueError as e:
+        raise ValueError(f"--num-tokens {num_tokens}: {e}") from None
 
 
 def _prepare(model, cfg: TrainConfig, d: distributed.Dist, strategy: str) -> None:
@@ -233,7 +260,7 @@ def _resume(run: _Run, resume_from: Path) -> None:
 def _loop(run: _Run, train_wall0: float, cpu0: float) -> None:
     cfg, d = run.cfg, run.d
     autocast = scaling.autocast(d.device, cfg.bf16, cfg.fp16, run.strategy)
-    bar = Progress(cfg.progress and d.main, run.steps, run.start, run.spec.scales)
+    bar = Progress(cfg.progress and d.main, run.steps, run.start)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     for step in range(run.start, run.steps):
         t0 = time.perf_counter()
@@ -290,7 +317,7 @@ def _append_metrics(run: _Run, step: int, stats: StepStats, dt: float, times: di
     record = {
         "step": step,
         "loss": stats.loss,
-        "scale_losses": dict(zip(map(str, run.spec.scales), stats.scale_losses)),
+        "scale_losses": {str(s): v for s, v in stats.scale_losses.items()},  # keyed by this step's counts
         "lr": {g["name"]: g["lr"] for g in run.optimizer.param_groups},
         "grad_norm": stats.grad_norm,
         "lm_tokens": stats.tokens,

@@ -21,7 +21,7 @@ log = logging.getLogger("fastnest.train")
 @dataclass
 class StepStats:
     loss: float  # summed over processes
-    scale_losses: list[float]
+    scale_losses: dict[int, float]  # per token count of the step: the token-mean loss of the micro-batches it ran
     tokens: int  # language-model tokens run, all processes
     grad_norm: float  # global, before clipping (0.0 when no update was computed)
     num_items: int  # answer tokens of the global batch (0: nothing to learn, no update)
@@ -37,18 +37,48 @@ def micro_batches(run, step: int) -> list:
     return micro
 
 
+class CountLosses:
+    """Each token count's losses summed over the micro-batches that ran it (on the device), and their answer
+    tokens (global). A count drawn per forward (MQT's ``released``) may run in some micro-batches only: its loss
+    is then rescaled from the batch's normalisation (``num_items``) to its own micro-batches' tokens."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}  # first-seen order: the same on every process (same draws)
+        self.items: dict[int, float] = {}
+
+    def add(self, counts: tuple[int, ...], losses: torch.Tensor, items: float) -> None:
+        for i, s in enumerate(counts):
+            self.sums[s] = losses[i].double() + self.sums[s] if s in self.sums else losses[i].double()
+            self.items[s] = self.items.get(s, 0) + items
+
+    def stacked(self, device: torch.device) -> torch.Tensor:
+        if not self.sums:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.stack(list(self.sums.values())).to(device)
+
+    def means(self, summed: list[float], num_items: float) -> dict[int, float]:
+        """Per count, its loss over its own micro-batches' answer tokens (counts that met none are left out)."""
+        out = {}
+        for (s, items), value in zip(self.items.items(), summed):
+            if items:
+                out[s] = value if items == num_items else value * num_items / items
+        return out
+
+
 def forward_backward(run, step: int, autocast, trainable) -> StepStats:
     """Gradients of the accumulated micro-batches (not yet applied); the losses and tokens, summed over
     processes, and the global gradient norm (clipped per ``--max-grad-norm`` when finite).
 
+    A micro-batch's token counts are its output's ``scales`` (the patch's, or drawn for that forward).
     Host syncs: the losses and the norm stay on the device until one read at the end of the step (with the
     all-reduce across processes before it); ``input_ids``, ``attention_mask`` and ``labels`` stay on the host,
     where the step plans them (only the images and the plan's index tensors are copied to the device)."""
     cfg, d = run.cfg, run.d
     micro = micro_batches(run, step)
-    num_items = d.sum([sum(count_targets(b.inputs["labels"], b.inputs["attention_mask"]) for b in micro if b)])[0]
+    items = d.sum([count_targets(b.inputs["labels"], b.inputs["attention_mask"]) if b else 0 for b in micro])
+    num_items = sum(items)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-    scale_sum = torch.zeros(len(run.spec.scales), dtype=torch.float64, device=d.device)
+    counts = CountLosses()
     tokens = 0
     for m, batch in enumerate(micro if num_items else ()):  # no target in the whole global batch: no update
         inputs = batch.inputs if batch is not None else None
@@ -65,12 +95,12 @@ def forward_backward(run, step: int, autocast, trainable) -> StepStats:
             loss = out.loss * d.world
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         loss_sum += out.loss.detach().double().to(d.device)
-        scale_sum += out.scale_losses.double().to(d.device)
+        counts.add(tuple(out.scales), out.scale_losses, items[m])
         tokens += out.lm_tokens
     if num_items and run.scaler is not None:
         run.scaler.unscale()  # the norm, the clipping and the update see the true gradients
     norm = grad_norm(trainable, cfg.max_grad_norm) if num_items else None
-    return _read_stats(d, loss_sum, scale_sum, tokens, norm, int(num_items))
+    return _read_stats(d, loss_sum, counts, tokens, norm, num_items)
 
 
 def images_to_device(inputs: dict, device: torch.device) -> dict:
@@ -83,14 +113,14 @@ def _on(device: torch.device, value: float) -> torch.Tensor:
     return torch.tensor([float(value)], dtype=torch.float64).to(device, non_blocking=True)
 
 
-def _read_stats(d, loss_sum: torch.Tensor, scale_sum: torch.Tensor, tokens: int, norm, num_items: int) -> StepStats:
+def _read_stats(d, loss_sum: torch.Tensor, counts: CountLosses, tokens: int, norm, num_items) -> StepStats:
     """The step's numbers on the host in one device-to-host read (after one all-reduce across processes)."""
-    summed = torch.cat([loss_sum.view(1), scale_sum, _on(d.device, tokens)])
+    summed = torch.cat([loss_sum.view(1), counts.stacked(d.device), _on(d.device, tokens)])
     if d.enabled:
         torch.distributed.all_reduce(summed)
     norm = torch.zeros((), dtype=torch.float64, device=d.device) if norm is None else norm
     host = torch.cat([summed, norm.to(summed.device, torch.float64).view(1)]).tolist()
-    return StepStats(host[0], host[1:-2], int(host[-2]), host[-1], num_items)
+    return StepStats(host[0], counts.means(host[1:-2], num_items), int(host[-2]), host[-1], int(num_items))
 
 
 def decide(run, step: int, stats: StepStats) -> bool:
