@@ -138,19 +138,25 @@ def test_summary_oracle_and_report(tmp_path):
     assert list(s["types"]) == ["b", "a"]
     assert s["all"]["accuracy"] == {"1": 2 / 6, "9": 3 / 6, "36": 3 / 6}
     assert s["all"]["oracle_accuracy"] == 5 / 6
-    # fewest tokens per sample: 1, 9, 36, (none -> 36), 1, 9
-    assert s["all"]["oracle_mean_tokens"] == pytest.approx((1 + 9 + 36 + 36 + 1 + 9) / 6)
+    # fewest tokens per sample: 1, 9, 36, (none -> 1, as the M3 authors count it), 1, 9
+    assert s["all"]["oracle_mean_tokens"] == pytest.approx((1 + 9 + 36 + 1 + 1 + 9) / 6)
     assert (
         s["types"]["a"]["accuracy"] == {"1": 2 / 3, "9": 2 / 3, "36": 2 / 3} and s["types"]["a"]["oracle_accuracy"] == 1
     )
-    assert s["types"]["b"]["oracle_mean_tokens"] == pytest.approx((36 + 36 + 9) / 3)
-    assert s["best_single_scale"] == 9
+    assert s["types"]["b"]["oracle_mean_tokens"] == pytest.approx((36 + 1 + 9) / 3)
+    assert s["best_single_scale"] == 9 and s["oracle_unanswered"] == "smallest"
+    largest = summarize(Scores(scales, correct, types, 2, 1.0), type_order=["b", "a"], unanswered="largest")
+    assert largest["all"]["oracle_mean_tokens"] == pytest.approx((1 + 9 + 36 + 36 + 1 + 9) / 6)
+    assert largest["types"]["b"]["oracle_mean_tokens"] == pytest.approx((36 + 36 + 9) / 3)
+    assert largest["all"]["oracle_accuracy"] == s["all"]["oracle_accuracy"]
+    assert "largest" in largest["oracle_definition"] and "authors" in s["oracle_definition"]
+    with pytest.raises(ValueError, match="unanswered must be one of .*'median'"):
+        summarize(Scores(scales, correct, types, 2, 1.0), unanswered="median")
     paths = report.write(s, tmp_path)
     assert json.loads(paths["json"].read_text()) == s
     md = paths["md"].read_text()
     assert (
-        "| 9 | 33.3 | 66.7 | 50.0 |" in md
-        and "| oracle (mean tokens) | 66.7 (27.0) | 100.0 (3.7) | 83.3 (15.3) |" in md
+        "| 9 | 33.3 | 66.7 | 50.0 |" in md and "| oracle (mean tokens) | 66.7 (15.3) | 100.0 (3.7) | 83.3 (9.5) |" in md
     )
     from PIL import Image
 

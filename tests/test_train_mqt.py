@@ -248,7 +248,7 @@ def test_analysis_per_count_equals_reference_greedy_correctness_and_the_oracle(t
 
     def group(rows):
         n = len(rows)
-        fewest = [next((m for m, ok in zip(counts, row) if ok), max(counts)) for row in rows]
+        fewest = [next((m for m, ok in zip(counts, row) if ok), min(counts)) for row in rows]
         return {
             "n": n,
             "accuracy": {str(m): sum(row[i] for row in rows) / n for i, m in enumerate(counts)},

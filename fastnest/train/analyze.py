@@ -10,8 +10,11 @@ decoding; it needs only the labelled positions' logits, which ONE packed multi-s
 for every scale (``prefill.multiscale_logits``).
 
 Oracle: for each sample, the fewest visual tokens among the scales that answer it correctly. Oracle accuracy
-is the fraction answered by some scale; oracle mean tokens averages that choice over all samples, counting a
-sample no scale answers at the largest scale (what a model without the oracle would spend on it).
+is the fraction answered by some scale; oracle mean tokens averages that choice over all samples. A sample no
+scale answers counts at the SMALLEST scale by default, as the M3 authors count it (it is wrong anyway, so the
+oracle spends the least on it: their answer in the released repository's issue #2), which makes the mean
+comparable with the paper's; ``unanswered="largest"`` counts it at the largest scale instead (what a model
+without the oracle would spend on it).
 """
 
 from __future__ import annotations
@@ -104,13 +107,17 @@ def evaluate(
     return Scores(spec.scales, correct, types, passes, time.perf_counter() - start)
 
 
-def _group(correct: torch.Tensor, scales: tuple[int, ...]) -> dict:
+ORACLE_UNANSWERED = ("smallest", "largest")  # where the oracle counts a sample no scale answers
+
+
+def _group(correct: torch.Tensor, scales: tuple[int, ...], unanswered: str) -> dict:
     n = correct.shape[0]
     order = sorted(range(len(scales)), key=lambda i: scales[i])  # fewest tokens first
     answered = correct.any(dim=1)
+    fallback = min(scales) if unanswered == "smallest" else max(scales)
     tokens = []
     for row in correct.tolist():
-        tokens.append(next((scales[i] for i in order if row[i]), max(scales)))
+        tokens.append(next((scales[i] for i in order if row[i]), fallback))
     return {
         "n": n,
         "accuracy": {str(s): int(correct[:, i].sum()) / n if n else 0.0 for i, s in enumerate(scales)},
@@ -119,14 +126,17 @@ def _group(correct: torch.Tensor, scales: tuple[int, ...]) -> dict:
     }
 
 
-def summarize(scores: Scores, type_order: Iterable[str] = ()) -> dict:
-    """Accuracy per scale per question type, an ``all`` row, and the oracle (see the module docstring)."""
+def summarize(scores: Scores, type_order: Iterable[str] = (), unanswered: str = "smallest") -> dict:
+    """Accuracy per scale per question type, an ``all`` row, and the oracle (see the module docstring;
+    ``unanswered``: the scale, ``"smallest"`` or ``"largest"``, at which it counts a sample no scale answers)."""
+    if unanswered not in ORACLE_UNANSWERED:
+        raise ValueError(f"unanswered must be one of {ORACLE_UNANSWERED}, got {unanswered!r}")
     seen = list(dict.fromkeys([*[t for t in type_order if t in scores.question_types], *scores.question_types]))
     groups = {}
     for t in seen:
         mask = torch.tensor([q == t for q in scores.question_types], dtype=torch.bool)
-        groups[t] = _group(scores.correct[mask], scores.scales)
-    overall = _group(scores.correct, scores.scales)
+        groups[t] = _group(scores.correct[mask], scores.scales, unanswered)
+    overall = _group(scores.correct, scores.scales, unanswered)
     best = max(scores.scales, key=lambda s: overall["accuracy"][str(s)]) if scores.scales else None
     return {
         "scales": list(scores.scales),
@@ -134,7 +144,12 @@ def summarize(scores: Scores, type_order: Iterable[str] = ()) -> dict:
         "scoring": "teacher-forced exact match of every assistant answer token and its end-of-sequence token "
         "(= greedy decoding reproduces the answer)",
         "oracle_definition": "per sample, the fewest tokens among the scales answering it; samples no scale answers "
-        "count at the largest scale",
+        + (
+            "count at the smallest scale (the M3 authors' definition)"
+            if unanswered == "smallest"
+            else "count at the largest scale"
+        ),
+        "oracle_unanswered": unanswered,
         "types": groups,
         "all": overall,
         "best_single_scale": best,
@@ -154,6 +169,7 @@ def analyze_model(
     device: str | torch.device = "cpu",
     scales: tuple[int, ...] | None = None,
     progress=None,
+    unanswered: str = "smallest",
 ) -> dict:
     """Load a run's model (patched with the given scales, else its saved ones, else the defaults; an MQT-LLaVA
     with the given token counts, else the log-spaced ones up to M) and summarise it on ``examples``."""
@@ -174,4 +190,4 @@ def analyze_model(
         progress=progress,
         spec=spec,
     )
-    return summarize(scores, type_order)
+    return summarize(scores, type_order, unanswered)

@@ -187,6 +187,13 @@ def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
         help="scales to evaluate (default: the run's, else 1,9,36,144,576); of an MQT-LLaVA, token counts in 1..M "
         "(default: 2,4,8,16,36,64,144 below M, then M)",
     )
+    p.add_argument(
+        "--oracle-unanswered",
+        choices=("smallest", "largest"),
+        default="smallest",
+        help="the scale at which the oracle counts a sample no scale answers: the smallest (the M3 authors' "
+        "definition, the default) or the largest",
+    )
     return p
 
 
@@ -231,6 +238,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         type_order=QUESTION_TYPES,
         device=device,
         scales=args.scales,
+        unanswered=args.oracle_unanswered,
     )
     if summary["num_samples"] == 0:
         raise ValueError(f"--data {args.data}: no row could be scored ({bad.summary()})")
