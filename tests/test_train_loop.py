@@ -232,3 +232,29 @@ def test_tokens_per_second_counts_the_tokens_the_packed_pass_ran(tmp_path, tiny_
             tokens += prefix + sum(rest + placeholders // 16 * s for s in TINY_SCALES)
         expected.append(tokens)
     assert [r["lm_tokens"] for r in _losses(run)] == expected
+
+
+def test_random_scale_sampling_trains_one_drawn_scale_per_step_and_resumes_exactly(tmp_path, tiny_dir):
+    import random
+
+    straight = _cfg(tmp_path, tiny_dir, "straight", steps=6, save_every=3, scale_sampling="random", seed=5)
+    train(straight)
+    records = _losses(tmp_path / "straight")
+    draw = random.Random(5)  # patch_llava's draw restated: one scale per step, seeded with --seed
+    assert [list(r["scale_losses"]) for r in records] == [[str(draw.sample(TINY_SCALES, 1)[0])] for _ in range(6)]
+    assert len({next(iter(r["scale_losses"])) for r in records}) > 1
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    train(
+        _cfg(tmp_path, tiny_dir, "ignored", steps=6, save_every=3, scale_sampling="random", seed=5, resume=str(resumed))
+    )
+    assert [(r["loss"], r["scale_losses"]) for r in _losses(resumed)] == [
+        (r["loss"], r["scale_losses"]) for r in records[3:]
+    ]
+
+
+def test_scale_sampling_belongs_to_the_pooled_connector(tmp_path):
+    with pytest.raises(ValueError, match="--scale-sampling random is an option of --connector pooled"):
+        TrainConfig(output_dir=str(tmp_path), connector="mqt", scale_sampling="random")
+    with pytest.raises(ValueError, match="--scale-sampling 'some': choose one of all, random"):
+        TrainConfig(output_dir=str(tmp_path), scale_sampling="some")

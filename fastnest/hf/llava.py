@@ -17,6 +17,7 @@ from ..ops.projector.function import matryoshka_project, register_gelu, register
 from ..scales import MatryoshkaScales
 from . import attention as hf_attention
 from .adapter import ModelAdapter
+from .draw import TokenDraw
 from .forward import patched_forward, patched_generate
 from .inference import image_features
 from .state import PatchState, patch_state, set_state
@@ -118,6 +119,7 @@ class LlavaAdapter(ModelAdapter):
 
 
 LLAVA = LlavaAdapter()
+SAMPLING = ("all", "random")  # scales of a training step: every one, or one drawn per step
 
 
 def patch_llava(
@@ -126,6 +128,8 @@ def patch_llava(
     attention: str = "auto",
     share_prefix: bool = True,
     backend: str | None = None,
+    sampling: str = "all",
+    seed: int = 0,
 ) -> LlavaForConditionalGeneration:
     """Make ``model`` train on every Matryoshka scale in one packed forward, and infer at any scale.
 
@@ -140,6 +144,9 @@ def patch_llava(
     row's text before its first image is computed once for all scales (the same loss and gradients).
     ``backend`` forces the kernels of fastnest's projector and loss ("triton", "native", "torch"; None/"auto":
     Triton on CUDA, the native extension on CPU when built, else PyTorch); an unavailable one raises when run.
+    ``sampling="random"``: each training step runs ONE of ``scales``, drawn by a generator seeded with ``seed``
+    (the same on every process) — the M3 paper's random-scale ablation, and a cheaper step; ``"all"`` (default)
+    averages every scale.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model, LlavaForConditionalGeneration) or model_type != "llava":
@@ -157,6 +164,11 @@ def patch_llava(
             "CPU); here use 'native', 'torch' or 'auto'"
         )
     spec = MatryoshkaScales(LLAVA.grid(model), scales)
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    draw = None
+    if sampling == "random":
+        draw = TokenDraw(functools.partial(MatryoshkaScales, spec.grid), spec.scales, 1, seed)
     check_backend("attention", attention)
     if attention == "flex" and not torch.cuda.is_available():
         warnings.warn(
@@ -164,7 +176,8 @@ def patch_llava(
             "(fastnest analyze) runs here, a training step will be refused (use attention='sdpa' or 'auto' to train)",
             stacklevel=2,
         )
-    return install(model, PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix)))
+    state = PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix), draw=draw)
+    return install(model, state)
 
 
 def install(model: torch.nn.Module, state: PatchState) -> torch.nn.Module:

@@ -8,7 +8,6 @@ count of the step in ONE packed language-model pass; inference shows each image 
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +16,7 @@ from ..constants import IGNORE_INDEX
 from ..dispatch import check_backend
 from ..layout import query_prefix
 from ..scales import QueryCounts
+from .draw import TokenDraw
 from .llava import LlavaAdapter, install
 from .mqt_model import MQTLlavaForConditionalGeneration
 from .state import PatchState
@@ -60,55 +60,18 @@ def released_counts(num_queries: int) -> tuple[int, ...]:
     return tuple(range(2, num_queries + 1, 2))
 
 
-class CountDraw:
-    """The token counts of each training step, drawn from ``choices`` (k distinct per step) by a generator
-    seeded with ``seed``: every process patched with the same seed draws the same counts, step by step."""
-
-    def __init__(self, num_queries: int, choices: Sequence[int], k: int, seed: int) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(choices):
-            raise ValueError(
-                f"('random', k) needs an int k in 1..{len(choices)} (the counts {choices[0]}..{choices[-1]}), got {k!r}"
-            )
-        self.num_queries, self.choices, self.k = num_queries, tuple(choices), k
-        self.rng = random.Random(seed)
-
-    def __call__(self) -> QueryCounts:
-        return QueryCounts(self.num_queries, sorted(self.rng.sample(self.choices, self.k)))
-
-    def __repr__(self) -> str:
-        return f"CountDraw(k={self.k}, from {self.choices[0]}..{self.choices[-1]})"
-
-
 def _same(counts: QueryCounts) -> QueryCounts:
     return counts
 
 
-def check_same_seed(seed: int) -> None:
-    """With torch.distributed initialised, every process must draw from the same seed: ValueError otherwise."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    nccl = torch.distributed.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    bounds = torch.tensor([seed, -seed], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MIN)
-    low, high = int(bounds[0]), -int(bounds[1])
-    if low != high:
-        raise ValueError(
-            f"seed differs across processes (from {low} to {high}; this one {seed}): the per-step token counts "
-            "would differ; pass the same seed on every process"
-        )
-
-
-def _draw(num_queries: int, num_tokens, seed: int) -> CountDraw | QueryCounts:
+def _draw(num_queries: int, num_tokens, seed: int) -> TokenDraw | QueryCounts:
     """The training counts: a fixed ``QueryCounts`` for a tuple of ints, else a per-step draw."""
     choices = released_counts(num_queries)
     if num_tokens == "released" or (
         isinstance(num_tokens, tuple) and len(num_tokens) == 2 and num_tokens[0] == "random"
     ):
-        check_same_seed(seed)
-        return CountDraw(num_queries, choices, 1 if num_tokens == "released" else num_tokens[1], seed)
+        k = 1 if num_tokens == "released" else num_tokens[1]
+        return TokenDraw(functools.partial(QueryCounts, num_queries), choices, k, seed)
     if isinstance(num_tokens, Sequence) and not isinstance(num_tokens, str):
         return QueryCounts(num_queries, num_tokens)  # ValueError naming a count outside 1..M
     raise ValueError(
@@ -143,7 +106,7 @@ def patch_mqt_llava(
     check_backend("attention", attention)
     num_queries = MQT_LLAVA.num_queries(model)
     training = _draw(num_queries, num_tokens, seed)
-    draw = training if isinstance(training, CountDraw) else functools.partial(_same, training)
+    draw = training if isinstance(training, TokenDraw) else functools.partial(_same, training)
     every = QueryCounts(num_queries, range(1, num_queries + 1))  # inference: any count the connector allows
     state = PatchState(MQT_LLAVA, every, num_queries, backend, attention, bool(share_prefix), draw=draw)
     return install(model, state)

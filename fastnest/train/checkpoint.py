@@ -48,7 +48,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _count_draw(model) -> random.Random | None:
-    """The generator of the patch's per-step token-count draw (``patch_mqt_llava``'s ``CountDraw``), if any."""
+    """The generator of the patch's per-step token-count draw (``fastnest.hf.draw.TokenDraw``), if any."""
     return getattr(patch_state(model).draw, "rng", None)
 
 

@@ -48,7 +48,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _model_and_data_options(g, d) -> None:
-    from .config import CONNECTORS, DEFAULT_NUM_QUERIES, QUERY_KEYS
+    from .config import CONNECTORS, DEFAULT_NUM_QUERIES, QUERY_KEYS, SCALE_SAMPLING
 
     g.add_argument("--output-dir", default=d.output_dir, help="run directory (default: %(default)s)")
     g.add_argument(
@@ -71,6 +71,13 @@ def _model_and_data_options(g, d) -> None:
         "--scales",
         type=_scales,
         help=f"visual-token scales, --connector pooled (default: {','.join(map(str, DEFAULT_SCALES))})",
+    )
+    g.add_argument(
+        "--scale-sampling",
+        choices=SCALE_SAMPLING,
+        default=d.scale_sampling,
+        help="--connector pooled: every scale each step (all, M3's objective) or one random scale per step (random: "
+        "the paper's ablation, a cheaper step) (default: %(default)s)",
     )
     g.add_argument(
         "--num-tokens",

@@ -16,6 +16,7 @@ CONNECTORS = ("pooled", "mqt")  # LLaVA's projector pooled to scales (M3); a Mat
 DEFAULT_NUM_QUERIES = 144  # the built-in MQT-LLaVA's M: log-spaced counts 2..144, a 12x12 query grid
 QUERY_KEYS = ("positional", "features")
 MQT_OPTIONS = ("num_tokens", "num_queries", "query_keys")
+SCALE_SAMPLING = ("all", "random")  # fastnest.hf.llava.SAMPLING, without importing the model code here
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainConfig:
     eval_data: str | None = None
     eval_image_folder: str | None = None
     scales: tuple[int, ...] | None = None  # pooled only; None: DEFAULT_SCALES
+    scale_sampling: str = "all"  # pooled: "all" scales each step (M3) or one "random" scale per step
     num_tokens: str | None = None  # mqt only (query_counts.py); None: the log-spaced counts up to M
     num_queries: int | None = None  # mqt, built-in model only; None: DEFAULT_NUM_QUERIES
     query_keys: str | None = None  # mqt, built-in model only: "positional" (the release, default) or "features"
@@ -84,6 +86,8 @@ def _check_connector_options(cfg: TrainConfig) -> None:
     """Each connector's options only with it (naming the option and the fix); the defaults filled in."""
     if cfg.connector not in CONNECTORS:
         raise ValueError(f"--connector {cfg.connector!r}: choose one of {', '.join(CONNECTORS)}")
+    if cfg.scale_sampling not in SCALE_SAMPLING:
+        raise ValueError(f"--scale-sampling {cfg.scale_sampling!r}: choose one of {', '.join(SCALE_SAMPLING)}")
     if cfg.connector == "pooled":
         for name in MQT_OPTIONS:
             if getattr(cfg, name) is not None:
@@ -93,6 +97,11 @@ def _check_connector_options(cfg: TrainConfig) -> None:
                 )
         cfg.scales = tuple(DEFAULT_SCALES if cfg.scales is None else cfg.scales)
         return
+    if cfg.scale_sampling != "all":
+        raise ValueError(
+            "--scale-sampling random is an option of --connector pooled; with --connector mqt one token count per "
+            "step is --num-tokens released (or random:K for K per step)"
+        )
     if cfg.scales is not None:
         raise ValueError(
             "--scales is an option of --connector pooled (the pooled grid's scales); with --connector mqt the "

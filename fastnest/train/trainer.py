@@ -146,7 +146,7 @@ def _load(cfg: TrainConfig, resume_from: Path | None, meta: bool = False):
             f"another model"
         )
     if cfg.connector == "pooled":
-        return patch(model, scales=cfg.scales), processor
+        return patch(model, scales=cfg.scales, sampling=cfg.scale_sampling, seed=cfg.seed), processor
     num_tokens = resolved_num_tokens(cfg.num_tokens, model.config.num_queries)
     try:  # "released" and "random:K" draw each step's counts from --seed: the same on every process
         return patch(model, num_tokens=num_tokens_option(num_tokens), seed=cfg.seed), processor
