@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastnest.hf.convert import convert_original
+from fastnest.hf.convert import convert_original, io
 from fastnest.train.cli import main
 from tools.original_llava import (
     OriginalLlava,
@@ -91,6 +91,7 @@ def test_unexpected_and_misshapen_weights(src, tmp_path):
         ({"query_abstractor_type": "qformer"}, "query_abstractor_type 'qformer'; supported: 'matry_query'"),
         ({"matryoshka_vis_token_scale": [36, 5]}, r"scale 5 .*allowed scales: \(1, 4, 9, 36\)"),
         ({"mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "huggingface-cli download openai/clip-vit"),
+        ({"torch_dtype": "bf17"}, "torch_dtype 'bf17' is not a torch dtype"),
     ],
 )
 def test_configs_that_do_not_describe_a_convertible_llava(src, tmp_path, fields, match):
@@ -125,6 +126,16 @@ def test_no_tokenizer_and_a_used_destination(src, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (src / name).unlink()
     refused(src, tmp_path / "elsewhere", "no tokenizer")
+
+
+def test_a_failed_write_leaves_nothing(src, tmp_path, monkeypatch):
+    def full_disk(self, tensors):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.ShardWriter, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert_original(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
 
 
 def test_cli_reports_the_error(src, tmp_path, capsys):

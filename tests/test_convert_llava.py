@@ -36,6 +36,7 @@ from tools.original_llava import (
 
 SCALES = [36, 9, 4, 1]  # a 6x6 grid
 V = len(word_tokenizer())  # the original vocabulary; the converted one adds <image>, <pad>, then pads to 64
+GENERATION = {"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0}  # vicuna's
 
 
 def build(kind="llava", dtype=torch.float32, seed=0):
@@ -52,6 +53,7 @@ def llava(tmp_path_factory):
     clip = write_clip(model.model.vision_tower.vision_tower, root / "clip")
     config = original_config(model, str(clip), matryoshka_vis_token_scale=SCALES)
     state = write_original(model, root / "original", config, shards=3)
+    (root / "original" / "generation_config.json").write_text(json.dumps(GENERATION))
     convert_original(root / "original", root / "hf")
     return model, state, root
 
@@ -121,6 +123,7 @@ def test_sharded_safetensors_round_trip_and_load(llava):
     config = loaded.config
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
     assert config.fastnest == {"scales": SCALES}
+    assert json.loads((root / "hf" / "generation_config.json").read_text()) == GENERATION
 
 
 def test_bin_bf16_tower_from_a_clip_directory(tmp_path):

@@ -93,3 +93,4 @@ def test_stages_become_num_tokens(tmp_path, stage, num_tokens):
     loaded = MQTLlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
     state = fastnest.patch_state(fastnest.patch(loaded))
     assert state.draw().scales == num_tokens
+    assert fastnest.patch_state(fastnest.patch(loaded, num_tokens=(2, 8))).draw().scales == (2, 8)  # explicit wins

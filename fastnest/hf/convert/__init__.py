@@ -73,15 +73,37 @@ def convert_original(src: str | Path, dst: str | Path, vision_tower: str | Path 
     plans = [(p, {n: checkpoint_name(n, prefix, newline) for n in s}) for p, s in sources]
     plans += [(p, {n: tower_name(n, prefix) for n in s}) for p, s in tower_sources]
     _check(plans, {**shapes, **_merged(tower_sources)}, target, tower_in_checkpoint, tower_dir)
-    dtype = getattr(torch, str(original.text["dtype"]).removeprefix("torch.")) if "dtype" in original.text else None
-    towers = {p for p, _ in tower_sources}
+    dropped = sum(t is None for _, plan in plans for t in plan.values())
+    logger.info(
+        "%s -> %s (%s); %d tensors not carried over (recomputed buffers, CLIP's text half)",
+        src,
+        dst,
+        original.kind,
+        dropped,
+    )
     plans = [(p, {n: t for n, t in plan.items() if t is not None}) for p, plan in plans]
     plans = [(p, plan) for p, plan in plans if plan]
-
-    partial = dst.with_name(dst.name + ".partial")
+    partial = dst.with_name(dst.name + ".partial")  # renamed to dst when complete
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    writer = io.ShardWriter(partial, len(plans))
+    try:
+        _write(plans, partial, rows, {p for p, _ in tower_sources}, original.dtype)
+        config.save_pretrained(partial)
+        converted_processor(original, tokenizer, tower_dir, vision.patch_size, num_queries).save_pretrained(partial)
+        if (src / "generation_config.json").is_file():
+            shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if dst.exists():
+        dst.rmdir()
+    partial.rename(dst)
+    return dst
+
+
+def _write(plans, directory: Path, rows: int, towers: set[Path], dtype: torch.dtype | None) -> None:
+    """Each source file's tensors, renamed, as one shard: only one file's tensors are held at a time."""
+    writer = io.ShardWriter(directory, len(plans))
     for path, plan in plans:
         logger.info("converting %s (%d tensors)", path, len(plan))
         with io.opened(path) as handles:
@@ -90,20 +112,12 @@ def convert_original(src: str | Path, dst: str | Path, vision_tower: str | Path 
                 tensor = io.load(handles[name])
                 if new in VOCABULARY:
                     tensor = _grown(tensor, rows)
-                elif path in towers and dtype is not None:
+                elif path in towers and dtype is not None:  # as the release's loader casts its tower
                     tensor = tensor.to(dtype)
                 tensors[new] = tensor
             writer.write(tensors)
             del tensors
     writer.finish()
-    config.save_pretrained(partial)
-    converted_processor(original, tokenizer, tower_dir, vision.patch_size, num_queries).save_pretrained(partial)
-    if (src / "generation_config.json").is_file():
-        shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
-    if dst.exists():
-        dst.rmdir()
-    partial.rename(dst)
-    return dst
 
 
 def _tower_dir(original: Original, vision_tower: str | Path | None) -> Path:

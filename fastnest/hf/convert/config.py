@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
 from ...scales import MatryoshkaScales
@@ -57,6 +58,7 @@ class Original:
     pinpoints: list[list[int]] | None  # anyres: (height, width) pairs, Hugging Face's order
     scales: list[int] | None  # M3's matryoshka_vis_token_scale
     num_visual_tokens: object  # MQT's num_visual_tokens (None, a stage name or a count)
+    dtype: torch.dtype | None  # the checkpoint's torch_dtype
 
 
 def read_original(src: Path) -> Original:
@@ -93,6 +95,9 @@ def read_original(src: Path) -> Original:
     text = {k: v for k, v in config.items() if k not in LLAVA_FIELDS and not k.startswith("mm_")}
     if "torch_dtype" in text:  # the name older transformers saved
         text["dtype"] = text.pop("torch_dtype")
+    dtype = getattr(torch, str(text.get("dtype")).removeprefix("torch."), None) if text.get("dtype") else None
+    if text.get("dtype") and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{path}: torch_dtype {text['dtype']!r} is not a torch dtype (e.g. 'bfloat16')")
     if text.get("rope_scaling", 0) is None:  # an absent scaling, in the deprecated name
         del text["rope_scaling"]
     return Original(
@@ -105,6 +110,7 @@ def read_original(src: Path) -> Original:
         pinpoints=pinpoints,
         scales=scales,
         num_visual_tokens=config.get("num_visual_tokens"),
+        dtype=dtype,
     )
 
 
@@ -192,8 +198,8 @@ def hf_config(
         config = LlavaNextConfig(image_grid_pinpoints=original.pinpoints, projector_hidden_act="gelu", **common)
     else:
         config = LlavaConfig(projector_hidden_act="gelu", **common)
-    if "dtype" in original.text:
-        config.dtype = original.text["dtype"]
+    if original.dtype is not None:
+        config.dtype = original.dtype
     settings = _settings(original, grid, num_queries)
     if settings:
         store_settings(config, **settings)
