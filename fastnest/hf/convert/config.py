@@ -95,9 +95,6 @@ def read_original(src: Path) -> Original:
     text = {k: v for k, v in config.items() if k not in LLAVA_FIELDS and not k.startswith("mm_")}
     if "torch_dtype" in text:  # the name older transformers saved
         text["dtype"] = text.pop("torch_dtype")
-    dtype = getattr(torch, str(text.get("dtype")).removeprefix("torch."), None) if text.get("dtype") else None
-    if text.get("dtype") and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{path}: torch_dtype {text['dtype']!r} is not a torch dtype (e.g. 'bfloat16')")
     if text.get("rope_scaling", 0) is None:  # an absent scaling, in the deprecated name
         del text["rope_scaling"]
     return Original(
@@ -110,8 +107,15 @@ def read_original(src: Path) -> Original:
         pinpoints=pinpoints,
         scales=scales,
         num_visual_tokens=config.get("num_visual_tokens"),
-        dtype=dtype,
+        dtype=_dtype(path, text.get("dtype")),
     )
+
+
+def _dtype(path: Path, name: str | None) -> torch.dtype | None:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if name is not None else None
+    if name is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{path}: torch_dtype {name!r} is not a torch dtype (e.g. 'bfloat16')")
+    return dtype
 
 
 def _kind(path: Path, config: dict) -> str:
