@@ -107,6 +107,7 @@ setup(
         # flash-attn 2.1: bottom-right causal alignment; xformers 0.0.28: attention biases built on a device
         "gpu": ["flash-attn>=2.1", "xformers>=0.0.28"],
         "test": ["pytest", "pytest-benchmark", "ruff", "accelerate"],  # accelerate: transformers.Trainer
+        "convert": ["sentencepiece", "protobuf"],  # fastnest convert: a tokenizer shipped as tokenizer.model
     },
     ext_modules=[CMakeExtension("fastnest._C")],
     cmdclass={"build_ext": cmake_build_ext},

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .adapter import ModelAdapter
+from .convert import convert_original
 from .inference import scaled_inputs
 from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
 from .mqt import MQT_LLAVA, MQTLlavaAdapter, patch_mqt_llava
@@ -39,6 +40,7 @@ __all__ = [
     "MatryoshkaCausalLMOutput",
     "ModelAdapter",
     "PatchState",
+    "convert_original",
     "is_patched",
     "patch",
     "patch_llava",

@@ -20,6 +20,7 @@ from .adapter import ModelAdapter
 from .draw import TokenDraw
 from .forward import patched_forward, patched_generate
 from .inference import image_features
+from .settings import stored_setting
 from .state import PatchState, patch_state, set_state
 
 # LLaVA's projector is linear_1 -> act -> linear_2: the fused projector kernels compute it when act is a GELU.
@@ -124,7 +125,7 @@ SAMPLING = ("all", "random")  # scales of a training step: every one, or one dra
 
 def patch_llava(
     model: LlavaForConditionalGeneration,
-    scales: tuple[int, ...] = DEFAULT_SCALES,
+    scales: tuple[int, ...] | None = None,
     attention: str = "auto",
     share_prefix: bool = True,
     backend: str | None = None,
@@ -137,6 +138,7 @@ def patch_llava(
     with ``labels``): ``loss`` = mean over scales of each scale's token-mean next-token cross-entropy,
     ``scale_losses`` per scale. Inference: ``model(..., scale=s)`` / ``model.generate(..., scale=s)`` show the
     language model each image as its ``s`` pooled tokens (default: ``fastnest.set_scale`` or the largest).
+    ``scales`` defaults to the ones stored in ``config.fastnest`` (``fastnest convert``), else ``DEFAULT_SCALES``.
 
     ``attention``: the backend of the packed training forward, ``"auto"`` (flash, else xformers on CUDA;
     sdpa on CPU) or one of ``"flash"``, ``"xformers"``, ``"flex"``, ``"sdpa"`` (ValueError here when this
@@ -154,6 +156,8 @@ def patch_llava(
             f"patch_llava expects a LlavaForConditionalGeneration of model_type 'llava', got {type(model).__name__} "
             f"({model_type!r}); fastnest.patch picks the patch for a model's type"
         )
+    if scales is None:
+        scales = stored_setting(model, "scales", DEFAULT_SCALES)
     if isinstance(scales, (int, str, bytes)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"scales must be a sequence of ints such as {DEFAULT_SCALES}, got {scales!r}")
     if backend not in (None, "auto"):

@@ -19,6 +19,7 @@ from ..scales import QueryCounts
 from .draw import TokenDraw
 from .llava import LlavaAdapter, install
 from .mqt_model import MQTLlavaForConditionalGeneration
+from .settings import stored_setting
 from .state import PatchState
 
 
@@ -82,7 +83,7 @@ def _draw(num_queries: int, num_tokens, seed: int) -> TokenDraw | QueryCounts:
 
 def patch_mqt_llava(
     model: MQTLlavaForConditionalGeneration,
-    num_tokens: Sequence[int] | str | tuple[str, int] = "released",
+    num_tokens: Sequence[int] | str | tuple[str, int] | None = None,
     seed: int = 0,
     attention: str = "auto",
     share_prefix: bool = True,
@@ -97,7 +98,8 @@ def patch_mqt_llava(
     is initialised); ``("random", k)`` k distinct counts per step from
     that set, trained together. Stage 1 is ``num_tokens=(M,)``. Inference: ``model(..., scale=m)`` /
     ``generate(..., scale=m)`` for any ``1 <= m <= M`` (one, or one per image; default M). ``attention``,
-    ``share_prefix``, ``backend``: as for ``patch_llava`` (the backend serves the fused loss).
+    ``share_prefix``, ``backend``: as for ``patch_llava`` (the backend serves the fused loss). ``num_tokens``
+    defaults to the one stored in ``config.fastnest`` (``fastnest convert``), else ``"released"``.
     """
     if not isinstance(model, MQTLlavaForConditionalGeneration):
         raise TypeError(f"patch_mqt_llava expects an MQTLlavaForConditionalGeneration, got {type(model).__name__}")
@@ -105,6 +107,8 @@ def patch_mqt_llava(
         check_backend("cross_entropy", backend)
     check_backend("attention", attention)
     num_queries = MQT_LLAVA.num_queries(model)
+    if num_tokens is None:
+        num_tokens = stored_setting(model, "num_tokens", "released")
     training = _draw(num_queries, num_tokens, seed)
     draw = training if isinstance(training, TokenDraw) else functools.partial(_same, training)
     every = QueryCounts(num_queries, range(1, num_queries + 1))  # inference: any count the connector allows

@@ -1,4 +1,4 @@
-"""``fastnest train``, ``fastnest analyze`` and ``fastnest plot``."""
+"""``fastnest train``, ``fastnest analyze``, ``fastnest plot`` and ``fastnest convert``."""
 
 from __future__ import annotations
 
@@ -258,6 +258,30 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="fastnest convert")
+    p.description = (
+        "Convert an original-format LLaVA checkpoint (M3 LLaVA-1.5 or LLaVA-NeXT, MQT-LLaVA: LlavaLlamaForCausalLM) "
+        "into a Hugging Face directory with its processor; the Matryoshka settings go into config.fastnest."
+    )
+    p.add_argument("src", metavar="SRC", help="the original checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("dst", metavar="DST", help="the new Hugging Face directory (must not exist, or be empty)")
+    p.add_argument(
+        "--vision-tower",
+        metavar="DIR",
+        help="a CLIP directory (e.g. openai/clip-vit-large-patch14-336 downloaded): the tower's config, "
+        "preprocessing, and weights when SRC has none (default: mm_vision_tower, when it is a local directory)",
+    )
+    return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..hf.convert import convert_original
+
+    print(convert_original(args.src, args.dst, args.vision_tower))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -276,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     analyze_parser(sub.add_parser("analyze", help="accuracy per scale and question type, with the oracle"))
     plot_parser(sub.add_parser("plot", help="a run's training curves and analysis figure (PNG/SVG)"))
+    convert_parser(sub.add_parser("convert", help="an original-format LLaVA checkpoint to Hugging Face's format"))
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     try:
-        return {"train": run_train, "analyze": run_analyze, "plot": run_plot}[command](args)
+        return {"train": run_train, "analyze": run_analyze, "plot": run_plot, "convert": run_convert}[command](args)
     except (BadSampleError, ValueError) as e:
         print(f"fastnest {command}: error: {e}", file=sys.stderr)
         return 2
