@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 import fastnest
 from fastnest.hf import MQTLlavaForConditionalGeneration
 from fastnest.hf.convert import convert_original
-from fastnest.hf.mqt import CountDraw
+from fastnest.hf.draw import TokenDraw
 from tools.original_llava import (
     OriginalLlava,
     original_config,
@@ -64,7 +64,7 @@ def test_loads_with_the_released_connector(mqt):
     for name, tensor in loaded.model.query_abstractor.state_dict().items():
         assert torch.equal(tensor, state[f"model.query_abstractor.{name}"]), name
     assert config.fastnest == {"num_tokens": "released"}  # second_stage: one count per step from 2, 4, ..., M
-    assert isinstance(fastnest.patch_state(fastnest.patch(loaded)).draw, CountDraw)
+    assert isinstance(fastnest.patch_state(fastnest.patch(loaded)).draw, TokenDraw)
     stored = json.loads((root / "hf" / "config.json").read_text())
     assert stored["model_type"] == "mqt_llava" and stored["image_seq_length"] == M
 
