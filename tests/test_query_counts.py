@@ -58,13 +58,20 @@ def test_query_prefix_layout():
         query_prefix(16, (17,))
 
 
-def test_plan_shows_each_count_the_first_rows():
-    """M placeholders in the row; sequence k holds the first counts[k] visual rows, then the text after."""
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_plan_shows_each_count_the_first_rows(share_prefix):
+    """M placeholders in the row; sequence k holds the first counts[k] visual rows, then the text after (with a
+    shared prefix: the text before and all M rows once, each count's sequence continuing its first counts[k])."""
     ids = torch.tensor([[5, *[9] * 4, 6, 7]])
     labels = ids.masked_fill(ids == 9, -100)
-    plan = plan_matryoshka(ids, None, labels, image_token_id=9, layouts=[query_prefix(4, (1, 4, 2))])
+    layouts = [query_prefix(4, (1, 4, 2))]
+    plan = plan_matryoshka(ids, None, labels, image_token_id=9, layouts=layouts, share_prefix=share_prefix)
     p = plan.packed
     num_text = plan.num_text
     seqs = [p.source_index[a:b].tolist() for a, b in zip(p.cu_seqlens[:-1].tolist(), p.cu_seqlens[1:].tolist())]
+    if share_prefix:
+        assert seqs[0] == [0, *range(num_text, num_text + 4)] and p.context_lens == (0, 2, 5, 3)
+        keys = [p.key_index[a:b].tolist() for a, b in zip(p.cu_seqlens_k[:-1].tolist(), p.cu_seqlens_k[1:].tolist())]
+        seqs = [[p.source_index[i].item() for i in k] for k in keys[1:]]  # each count's keys: what it sees
     image_rows = [[i - num_text for i in s if num_text <= i < num_text + 4] for s in seqs]
     assert [r for r in image_rows if r] == [[0], [0, 1, 2, 3], [0, 1]]
