@@ -9,7 +9,7 @@ FLOORS = [
     {"constants", "version", "scales"},
     {"dispatch"},
     {"ops"},
-    {"packing", "layout", "plan", "attention", "connectors", "step"},
+    {"packing", "layout", "anyres", "plan", "attention", "connectors", "step"},
     {"hf"},
     {"train", "__main__"},
 ]
