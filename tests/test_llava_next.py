@@ -15,14 +15,15 @@ import torch
 import fastnest
 from fastnest import MatryoshkaScales, anyres_layout
 from fastnest.hf.tiny import tiny_llava, tiny_llava_next
+from tools.batches import IMG, make_anyres_batch
 from tools.compare import assert_grads_match
 from tools.m3_reference import reference_greedy
 from tools.next_reference import arrange, placeholder_count, released_next_loss, scaled_rows
 
 SCALES = (1, 9, 36, 144, 576)
-IMG = "img"
 # (height, width) as the processor reports them, and the grid the tiny model's pinpoints
-# [[48, 96], [96, 48], [96, 96]] (crops of 48 pixels) give each: a tie between 1x2 and 2x1 goes to the first
+# [[48, 96], [96, 48], [96, 96]] (crops of 48 pixels) give each: a tie between 1x2 and 2x1 goes to the first.
+# A batch holds 5 crops per image (the most), the padding crops never read.
 WIDE, TALL, SQUARE, LANDSCAPE = (99, 176), (176, 60), (48, 48), (55, 88)
 GRIDS = {WIDE: (2, 2), TALL: (2, 1), SQUARE: (1, 2), LANDSCAPE: (2, 2)}
 
@@ -30,42 +31,6 @@ GRIDS = {WIDE: (2, 2), TALL: (2, 1), SQUARE: (1, 2), LANDSCAPE: (2, 2)}
 def build(seed: int = 0, **kw):
     torch.manual_seed(seed)
     return tiny_llava_next(vision_layers=2, hidden=64, layers=2, vocab=384, **kw)
-
-
-def make_batch(model, rows, sizes, padding_side="right", seed=0) -> dict:
-    """``rows``: per row, segments: an int ``n`` (n random text tokens) or IMG (the next image of ``sizes``, as
-    its processor-count run of placeholders). Labels on each row's last text segment. ``pixel_values [images,
-    5, 3, 48, 48]``: images with fewer crops carry large random padding crops, which must never be read."""
-    g = torch.Generator().manual_seed(seed)
-    image_id, sizes_left = model.config.image_token_id, iter(sizes)
-    ids, labs = [], []
-    for segments in rows:
-        row_ids, row_labels = [], []
-        last_text = max(i for i, s in enumerate(segments) if s != IMG)
-        for i, seg in enumerate(segments):
-            if seg == IMG:
-                n = placeholder_count(model, next(sizes_left))
-                row_ids.append(torch.full((n,), image_id))
-                row_labels.append(torch.full((n,), -100))
-            else:
-                text = torch.randint(1, image_id, (seg,), generator=g)
-                row_ids.append(text)
-                row_labels.append(text.clone() if i == last_text else torch.full((seg,), -100))
-        ids.append(torch.cat(row_ids))
-        labs.append(torch.cat(row_labels))
-    width = max(len(r) for r in ids)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (r, lab) in enumerate(zip(ids, labs)):
-        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-        input_ids[b, span], labels[b, span], mask[b, span] = r, lab, 1
-    pixel_values = torch.randn(len(sizes), 5, 3, 48, 48, generator=g)
-    for i, size in enumerate(sizes):
-        rows_, cols = GRIDS.get(size, (2, 2))
-        pixel_values[i, 1 + rows_ * cols :] *= 1e4
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    return batch | {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes)}
 
 
 def unlabelled(batch: dict) -> dict:
@@ -82,13 +47,19 @@ MIXED_SIZES = [WIDE, TALL, SQUARE, LANDSCAPE]
 
 
 @functools.cache
-def reference_step(seed: int, rows: tuple, sizes: tuple, padding_side: str, scales=SCALES, rounding="hf"):
-    """The reference loop's loss and gradients (cached: several patched copies compare with one reference)."""
+def _reference(seed: int, rows: tuple, sizes: tuple, rounding: str):
     ref = build(seed).train()
-    batch = make_batch(ref, [list(r) for r in rows], list(sizes), padding_side, seed)
-    loss, per_scale = released_next_loss(ref, **batch, scales=scales, rounding=rounding)
+    batch = make_anyres_batch(ref, [list(r) for r in rows], list(sizes), "right", seed)
+    loss, per_scale = released_next_loss(ref, **batch, scales=SCALES, rounding=rounding)
     loss.backward()
-    return ref, batch, loss.detach(), per_scale.detach()
+    return ref, loss.detach(), per_scale.detach()
+
+
+def reference_step(seed: int, rows: tuple, sizes: tuple, padding_side: str, rounding="hf"):
+    """The reference loop's model holding its gradients, the batch padded on ``padding_side``, the loss and
+    per-scale losses (cached: the reference sees only valid tokens, so both paddings share one run)."""
+    ref, loss, per_scale = _reference(seed, rows, sizes, rounding)
+    return ref, make_anyres_batch(ref, [list(r) for r in rows], list(sizes), padding_side, seed), loss, per_scale
 
 
 def patched(ref, **options):
@@ -147,7 +118,7 @@ def test_layout_indexes_the_released_arrangement(grid_shape, rounding):
 
 def test_reference_is_hugging_face_at_full_scale():
     model = build(1).eval()
-    batch = make_batch(model, [[4, IMG, 6], [3, IMG, 2, IMG, 5], [7]], [WIDE, TALL, SQUARE], "left")
+    batch = make_anyres_batch(model, [[4, IMG, 6], [3, IMG, 2, IMG, 5], [7]], [WIDE, TALL, SQUARE], "left")
     with torch.no_grad():
         hf = model(**unlabelled(batch)).logits
         rows, _ = scaled_rows(model, **unlabelled(batch), labels=None, scale=576)
@@ -231,7 +202,7 @@ def test_released_rounding():
 def test_inference_logits_and_generate_match_the_reference(scale):
     ref = build(5).eval()
     fast = fastnest.patch_llava_next(copy.deepcopy(ref)).eval()
-    batch = unlabelled(make_batch(ref, [[4, IMG, 6], [3, IMG, 2, IMG, 5], [7]], [TALL, WIDE, SQUARE], "left"))
+    batch = unlabelled(make_anyres_batch(ref, [[4, IMG, 6], [3, IMG, 2, IMG, 5], [7]], [TALL, WIDE, SQUARE], "left"))
     rows, _ = scaled_rows(ref, **batch, labels=None, scale=scale)
     with torch.no_grad():
         out = fast(**batch, scale=scale)
@@ -254,8 +225,8 @@ def test_more_crops_at_inference_than_in_training():
     for model in (ref, fast):
         model.config.image_grid_pinpoints = [[48, 96], [96, 48], [96, 96], [144, 144]]
     size = (144, 144)
-    batch = unlabelled(make_batch(ref, [[5, IMG, 4]], [size]))
-    batch["pixel_values"] = torch.randn(1, 10, 3, 48, 48)  # base + 3x3 crops
+    batch = unlabelled(make_anyres_batch(ref, [[5, IMG, 4]], [size]))
+    assert batch["pixel_values"].shape[1] == 10  # base + 3x3 crops
     rows, _ = scaled_rows(ref, **batch, labels=None, scale=144)
     with torch.no_grad():
         got = fast(**batch, scale=144).logits[0]
@@ -289,6 +260,27 @@ def test_processor_inputs_train_and_generate():
         ids = fast.generate(**{k: v[:1] for k, v in batch.items()}, scale=9, max_new_tokens=3, do_sample=False)
     rows, _ = scaled_rows(ref.eval(), **{k: v[:1] for k, v in batch.items()}, labels=None, scale=9)
     assert ids[0, -3:].tolist() == reference_greedy(ref, rows[0], 3)
+
+
+def test_processor_at_scale_writes_the_counts_at_that_scale():
+    """processor_at_scale on a LlavaNextProcessor: its runs are the layout's counts at the scale (Hugging Face
+    rounding), which the patched model takes as they are."""
+    Image = pytest.importorskip("PIL.Image")
+    processor = next_processor()
+    fast = fastnest.patch_llava_next(build(11, image_token_id=383)).eval()
+    prompt = "USER: <image> what colour ? ASSISTANT:"
+    spec = MatryoshkaScales(24, SCALES)
+    for width, height in [(176, 99), (60, 176), (48, 48), (88, 55), (97, 61)]:
+        image = Image.new("RGB", (width, height), (20, 200, 90))
+        full = processor(images=[image], text=[prompt], return_tensors="pt")
+        grid = fastnest.patch_state(fast).adapter.grid_shape(fast, (height, width))
+        for k, scale in enumerate((1, 9, 36, 144)):
+            small = fastnest.processor_at_scale(processor, scale)(images=[image], text=[prompt], return_tensors="pt")
+            count = anyres_layout(spec, grid, (height, width)).count(k)
+            assert int((small["input_ids"] == 383).sum()) == count
+            if width == 97:
+                with torch.no_grad():
+                    torch.testing.assert_close(fast(**small, scale=scale).logits, fast(**full, scale=scale).logits)
 
 
 def next_processor():
@@ -330,7 +322,7 @@ def test_patch_dispatches_set_scale_unpatch():
     fast = fastnest.patch(copy.deepcopy(model), scales=(9, 144))
     assert fastnest.PATCHES["llava_next"] is fastnest.patch_llava_next
     assert fastnest.patch_state(fast).spec.scales == (9, 144)
-    batch = unlabelled(make_batch(model, [[3, IMG, 4]], [SQUARE]))
+    batch = unlabelled(make_anyres_batch(model, [[3, IMG, 4]], [SQUARE]))
     with torch.no_grad():
         # the largest scale by default; a square on a 1x2 grid keeps the middle half of the 12x24 map
         assert fast(**batch).logits.shape[1] == 3 + 144 + 12 * (12 + 1) + 4
@@ -367,7 +359,7 @@ def test_error_scale_the_grid_cannot_pool():
 def test_error_placeholder_runs_that_do_not_match_image_sizes():
     model = build(10)
     fast = fastnest.patch_llava_next(copy.deepcopy(model)).train()
-    batch = make_batch(model, [[4, IMG, 6], [3, IMG, 5]], [WIDE, TALL])
+    batch = make_anyres_batch(model, [[4, IMG, 6], [3, IMG, 5]], [WIDE, TALL])
     wrong = batch | {"image_sizes": torch.tensor([WIDE, SQUARE])}  # image 1's run is TALL's count
     found, expected = placeholder_count(model, TALL), placeholder_count(model, SQUARE)
     message = rf"image 1 \(row 1, column 3\) meets a run of {found} placeholder tokens where it takes {expected}"

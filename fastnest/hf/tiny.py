@@ -105,6 +105,9 @@ def tiny_llava_next(
     vision_layers: int = 2,
     hidden: int = 64,
     layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
     vocab: int = 384,
     image_token_id: int | None = None,
     attn_implementation: str = "sdpa",
@@ -117,7 +120,14 @@ def tiny_llava_next(
 
     crop = grid * patch_size
     base = tiny_llava(
-        grid=grid, patch_size=patch_size, vision_hidden=vision_hidden, vision_layers=vision_layers, hidden=hidden
+        grid=grid,
+        patch_size=patch_size,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
     ).config
     text = base.text_config
     text.num_hidden_layers, text.vocab_size = layers, vocab
