@@ -5,6 +5,7 @@ transformers; the Hugging Face side (``fastnest.hf``: ``patch_llava``, ``patch``
 imported on first use of one of its names.
 """
 
+from .anyres import anyres_layout
 from .attention import VarlenInfo, varlen_attention
 from .connectors import MatryoshkaProjector, MatryoshkaQueryTransformer
 from .constants import DEFAULT_SCALES, IGNORE_INDEX
@@ -27,6 +28,7 @@ _HF_NAMES = (
     "PatchState",
     "patch",
     "patch_llava",
+    "patch_llava_next",
     "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",
@@ -59,6 +61,7 @@ __all__ = [
     "StepOutput",
     "VarlenInfo",
     "allowed_scales",
+    "anyres_layout",
     "fused_linear_cross_entropy",
     "grouped_cross_entropy",
     "matryoshka_project",

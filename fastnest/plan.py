@@ -95,15 +95,47 @@ def _host_inputs(input_ids, attention_mask, labels, image_token_id):
     return ids, valid, is_image, lab
 
 
-def _count_error(have: int, layouts: Sequence[ImageLayout], unit: int | None) -> ValueError:
+def _row_runs(valid: torch.Tensor, is_image: torch.Tensor) -> list[list[tuple[torch.Tensor, bool]]]:
+    """Per row: its maximal runs of text or of placeholders among the valid columns, as (columns, is_image)."""
+    runs = []
+    for b in range(valid.shape[0]):
+        cols = valid[b].nonzero().squeeze(1)
+        runs.append([(cols[start:end], img) for start, end, img in _runs(is_image[b, cols])])
+    return runs
+
+
+def _first_misfit(runs: list[list[tuple[torch.Tensor, bool]]], placeholders: Sequence[int]) -> str:
+    """Where the placeholder runs and the images' counts first part ways, images taken in order (several in
+    one run when adjacent): the image, the run it meets and the count it takes; "" when they agree."""
+    image = 0
+    for b, pieces in enumerate(runs):
+        for cols, img in pieces:
+            first, left = image, cols.numel() if img else 0
+            while left and image < len(placeholders) and placeholders[image] <= left:
+                left, image = left - placeholders[image], image + 1
+            if not left:
+                continue
+            if first == len(placeholders):
+                return f"; row {b} has {cols.numel()} placeholder tokens at column {int(cols[0])} after the last image"
+            return (
+                f"; image {first} (row {b}, column {int(cols[0])}) meets a run of {cols.numel()} placeholder tokens "
+                f"where it takes {placeholders[first]}"
+            )
+    return f"; images {image} and on have no placeholders" if image < len(placeholders) else ""
+
+
+def _count_error(have: int, layouts: Sequence[ImageLayout], unit: int | None, runs) -> ValueError:
     """The placeholders in ``input_ids`` are not those of the images given, in total."""
     if unit is not None and have % unit == 0:
         return ValueError(
             f"input_ids hold {have // unit} image placeholder blocks of {unit} tokens but {len(layouts)} images "
             "were given"
         )
-    need = sum(layout.placeholders for layout in layouts)
-    return ValueError(f"input_ids hold {have} image placeholder tokens but the {len(layouts)} images given take {need}")
+    placeholders = [layout.placeholders for layout in layouts]
+    return ValueError(
+        f"input_ids hold {have} image placeholder tokens but the {len(layouts)} images given take "
+        f"{sum(placeholders)}{_first_misfit(runs, placeholders)}"
+    )
 
 
 def _split_run(run: tuple[int, int, int], placeholders: Sequence[int], first: int, token_id: int) -> list[int]:
@@ -127,10 +159,7 @@ def _row_pieces(ids, valid, is_image, layouts, token_id: int, unit: int | None):
     """Per row: ``[(columns, images)]`` for each maximal run (``images`` empty for text).
 
     ``unit``: the placeholder count every image has, when known: runs are checked against it first."""
-    runs = []
-    for b in range(ids.shape[0]):
-        cols = valid[b].nonzero().squeeze(1)
-        runs.append([(cols[start:end], img) for start, end, img in _runs(is_image[b, cols])])
+    runs = _row_runs(valid, is_image)
     for b, pieces in enumerate(runs):
         for cols, img in pieces:
             if img and unit is not None and cols.numel() % unit:
@@ -140,7 +169,7 @@ def _row_pieces(ids, valid, is_image, layouts, token_id: int, unit: int | None):
                 )
     have = int(is_image.sum())
     if have != sum(layout.placeholders for layout in layouts):
-        raise _count_error(have, layouts, unit)
+        raise _count_error(have, layouts, unit, runs)
     placeholders = [layout.placeholders for layout in layouts]
     rows, image = [], 0
     for b, pieces in enumerate(runs):
@@ -301,25 +330,25 @@ def scaled_columns(
     have = int(is_image.sum())
     if have == sum(counts):
         return None
+    runs = _row_runs(valid, is_image)
     if have != sum(full):
         raise ValueError(
             f"input_ids hold {have} image placeholder tokens: neither the {sum(full)} of the {len(full)} images at "
-            f"full scale nor the {sum(counts)} of the scales asked for"
+            f"full scale nor the {sum(counts)} of the scales asked for{_first_misfit(runs, full)}"
         )
     rows, image = [], 0
-    for b in range(valid.shape[0]):
-        cols = valid[b].nonzero().squeeze(1)
+    for b, pieces in enumerate(runs):
         keep = []
-        for start, end, img in _runs(is_image[b, cols]):
+        for cols, img in pieces:
             if not img:
-                keep.append(cols[start:end])
+                keep.append(cols)
                 continue
-            pos = start
-            for i in _split_run((b, int(cols[start]), end - start), full, image, image_token_id):
+            pos = 0
+            for i in _split_run((b, int(cols[0]), cols.numel()), full, image, image_token_id):
                 keep.append(cols[pos : pos + counts[i]])
                 pos += full[i]
                 image += 1
-        rows.append(torch.cat(keep) if keep else cols[:0])
+        rows.append(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
     width = max((len(r) for r in rows), default=0)
     index = torch.full((len(rows), width), -1, dtype=torch.long)
     for b, r in enumerate(rows):

@@ -9,7 +9,7 @@ FLOORS = [
     {"constants", "version", "scales"},
     {"dispatch"},
     {"ops"},
-    {"packing", "layout", "plan", "attention", "connectors", "step"},
+    {"packing", "layout", "anyres", "plan", "attention", "connectors", "step"},
     {"hf", "integrations"},  # beside each other: an integration never imports fastnest.hf (checked below)
     {"train", "__main__"},
 ]

@@ -382,7 +382,7 @@ def test_registry_dispatches_on_model_type():
     model = fastnest.patch(build(), scales=(1, 576))
     assert fastnest.patch_state(model).spec.scales == (1, 576)
     assert fastnest.PATCHES["llava"] is fastnest.patch_llava
-    with pytest.raises(ValueError, match=r"model_type 'llama'.*\['llava', 'mqt_llava'\]"):
+    with pytest.raises(ValueError, match=r"model_type 'llama'.*\['llava', 'llava_next', 'mqt_llava'\]"):
         fastnest.patch(model.model.language_model)
 
 

@@ -450,3 +450,17 @@ def test_nested_image_joins_the_shared_prefix_by_hand(lead):
     assert packed.logit_index.tolist() == [t + 3, t + 5]  # token 3 predicts 4 in each count's sequence
     unshared = plan_matryoshka(ids, None, labels, image_token_id=IMG, layouts=[layout], share_prefix=False).packed
     assert unshared.total - packed.total == t + 1  # the text once, and count 1's image token inside count 3's
+
+
+def test_placeholder_count_mismatch_names_the_image_the_run_and_its_count():
+    # images of different placeholder counts (4 and 9), one run each: the first image whose run misfits is named
+    layouts = [pooled_grid(MatryoshkaScales(2, (1, 4))), pooled_grid(MatryoshkaScales(3, (9, 1)))]
+    ids, mask, labels = build_batch([[1, *I4, 2], [3, *I4, 4]], "right")  # image 1's run holds 4, it takes 9
+    with pytest.raises(ValueError, match=r"take 13; image 1 \(row 1, column 1\) meets a run of 4 .* where it takes 9"):
+        plan_matryoshka(ids, mask, labels, image_token_id=IMG, layouts=layouts)
+    ids, mask, labels = build_batch([[1, *I4, 2], [3, 4]], "right")  # image 1 has no run at all
+    with pytest.raises(ValueError, match="take 13; images 1 and on have no placeholders"):
+        plan_matryoshka(ids, mask, labels, image_token_id=IMG, layouts=layouts)
+    ids, mask, labels = build_batch([[1, *I4, 2, *I9, 3, *I4]], "right")  # a run after the last image
+    with pytest.raises(ValueError, match="has 4 placeholder tokens at column 16 after the last image"):
+        plan_matryoshka(ids, mask, labels, image_token_id=IMG, layouts=layouts)

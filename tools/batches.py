@@ -81,3 +81,43 @@ def make_batch(
     size = cfg.vision_config.image_size
     pixel_values = torch.randn(n_images, 3, size, size, generator=g) if n_images else None
     return Batch(input_ids, mask, pixel_values, labels)
+
+
+def make_anyres_batch(model, rows: list[list], sizes: list[tuple[int, int]], padding_side="right", seed=0) -> dict:
+    """A LLaVA-NeXT processor-style batch: ``rows`` as in :func:`make_batch`, each IMG the next image of
+    ``sizes`` ((height, width)) as its processor-count run of placeholders; labels on each row's last text
+    segment. ``pixel_values [images, max crops, 3, H, W]`` and ``image_sizes``: images with fewer crops than
+    the most carry padding crops of large random values, which must never be read."""
+    from tools.next_reference import anyres_grid_shape, placeholder_count, released_pinpoints
+
+    g = torch.Generator().manual_seed(seed)
+    image_id, next_size = model.config.image_token_id, iter(sizes)
+    ids, labs = [], []
+    for segments in rows:
+        row_ids, row_labels = [], []
+        last_text = max(i for i, s in enumerate(segments) if s != IMG)
+        for i, seg in enumerate(segments):
+            if seg == IMG:
+                n = placeholder_count(model, next(next_size))
+                row_ids.append(torch.full((n,), image_id))
+                row_labels.append(torch.full((n,), -100))
+            else:
+                text = torch.randint(1, image_id, (seg,), generator=g)
+                row_ids.append(text)
+                row_labels.append(text.clone() if i == last_text else torch.full((seg,), -100))
+        ids.append(torch.cat(row_ids))
+        labs.append(torch.cat(row_labels))
+    width = max(len(r) for r in ids)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, (r, lab) in enumerate(zip(ids, labs)):
+        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        input_ids[b, span], labels[b, span], mask[b, span] = r, lab, 1
+    crop = model.config.vision_config.image_size
+    crops = [1 + a * d for a, d in (anyres_grid_shape((w, h), released_pinpoints(model), crop) for h, w in sizes)]
+    pixel_values = torch.randn(len(sizes), max(crops), 3, crop, crop, generator=g)
+    for i, n in enumerate(crops):
+        pixel_values[i, n:] *= 1e4
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return batch | {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes)}

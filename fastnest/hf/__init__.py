@@ -11,13 +11,18 @@ from .adapter import ModelAdapter
 from .convert import convert_original
 from .inference import scaled_inputs
 from .llava import LLAVA, LlavaAdapter, patch_llava, set_scale, unpatch
+from .llava_next import LLAVA_NEXT, LlavaNextAdapter, patch_llava_next
 from .mqt import MQT_LLAVA, MQTLlavaAdapter, patch_mqt_llava
 from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration, MQTLlavaModel
 from .output import MatryoshkaCausalLMOutput
 from .processor import processor_at_scale, processor_for_queries
 from .state import PatchState, is_patched, patch_state
 
-PATCHES: dict[str, Callable[..., torch.nn.Module]] = {"llava": patch_llava, "mqt_llava": patch_mqt_llava}
+PATCHES: dict[str, Callable[..., torch.nn.Module]] = {
+    "llava": patch_llava,
+    "llava_next": patch_llava_next,
+    "mqt_llava": patch_mqt_llava,
+}
 
 
 def patch(model: torch.nn.Module, **options) -> torch.nn.Module:
@@ -32,6 +37,8 @@ __all__ = [
     "LLAVA",
     "PATCHES",
     "LlavaAdapter",
+    "LLAVA_NEXT",
+    "LlavaNextAdapter",
     "MQT_LLAVA",
     "MQTLlavaAdapter",
     "MQTLlavaConfig",
@@ -44,6 +51,7 @@ __all__ = [
     "is_patched",
     "patch",
     "patch_llava",
+    "patch_llava_next",
     "patch_mqt_llava",
     "patch_state",
     "processor_at_scale",

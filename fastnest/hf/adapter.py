@@ -44,29 +44,63 @@ class ModelAdapter:
         raise NotImplementedError
 
     def image_layouts(
-        self, model: nn.Module, spec: TokenCounts, pixel_values: torch.Tensor | None
+        self, model: nn.Module, spec: TokenCounts, pixel_values: torch.Tensor | None, image_sizes=None
     ) -> Sequence[ImageLayout]:
+        """Each image's layout (``image_sizes``: the families whose layout depends on the image's size)."""
         raise NotImplementedError
+
+    def num_images(self, pixel_values: torch.Tensor, image_sizes=None) -> int:
+        """The images ``pixel_values`` hold."""
+        return pixel_values.shape[0]
 
     def multimodal(self, model: nn.Module) -> nn.Module:
         """The module whose ``get_image_features`` the model's own forward calls (fastnest replaces it there)."""
         raise NotImplementedError
 
     def vision_outputs(
-        self, model: nn.Module, pixel_values: torch.Tensor, *options, **tower_options
+        self, model: nn.Module, pixel_values: torch.Tensor, *options, image_sizes=None, **tower_options
     ) -> tuple[object, torch.Tensor]:
-        """The tower's outputs, and ``[images, grid², Dv]``: its features as the connector reads them."""
+        """The tower's outputs, and ``[inputs, grid², Dv]``: its features as the connector reads them (an input
+        is an image, or one crop of it)."""
         raise NotImplementedError
 
     def vision_features(self, model: nn.Module, pixel_values: torch.Tensor, **options) -> torch.Tensor:
-        """``[images, grid², Dv]``: the tower's features as the connector reads them."""
+        """``[inputs, grid², Dv]``: the tower's features as the connector reads them."""
         raise NotImplementedError
 
     def connector_rows(
         self, model: nn.Module, features: torch.Tensor, spec: TokenCounts, backend: str | None
     ) -> torch.Tensor:
-        """``[images, rows, D]``: every image's rows (``image_layouts`` index them), from its features."""
+        """``[inputs, rows, D]``: the connector's rows of every input (image or crop), from its features."""
         raise NotImplementedError
+
+    def visual_rows(
+        self, model: nn.Module, features: torch.Tensor, spec: TokenCounts, backend: str | None, image_sizes=None
+    ) -> torch.Tensor:
+        """``[sum of the images' rows, D]``: every image's rows in image order (``image_layouts`` index them)."""
+        rows = self.connector_rows(model, features, spec, backend)
+        return rows.reshape(-1, rows.shape[-1])
+
+    def scaled_features(
+        self,
+        model: nn.Module,
+        features: torch.Tensor,
+        scales: Sequence[int],
+        spec: TokenCounts,
+        backend: str | None,
+        pixel_values: torch.Tensor,
+        image_sizes=None,
+    ) -> list[torch.Tensor]:
+        """Image ``i``'s tokens at ``scales[i]`` (``[count, D]``), from the tower's ``features``: inference."""
+        pooled: list[torch.Tensor | None] = [None] * len(scales)
+        for s in dict.fromkeys(scales):
+            pick = [i for i, si in enumerate(scales) if si == s]
+            only = spec.only(s)
+            rows = self.connector_rows(model, features[pick], only, backend)
+            layouts = self.image_layouts(model, only, pixel_values[pick])
+            for j, i in enumerate(pick):  # an image's features at s: its rows at its layout's tokens
+                pooled[i] = rows[j][layouts[j].tokens[0].to(rows.device)]
+        return pooled
 
     def feature_layers(self, model: nn.Module) -> list[int]:
         """The tower's hidden-state indices the connector reads."""

@@ -29,18 +29,18 @@ class BoundModel:
         self.model, self.state, self.spec = model, state, spec
         self.adapter = state.adapter
         self.vision_options = {k: v for k, v in (vision_options or {}).items() if v is not None}
-        if self.vision_options.pop("image_sizes", None) is not None:
-            raise ValueError("image_sizes is not supported: fastnest pools fixed-size LLaVA grids")
+        self.image_sizes = self.vision_options.pop("image_sizes", None)  # the anyres families' layouts read them
 
     def image_layouts(self, pixel_values):
-        return self.adapter.image_layouts(self.model, self.spec, pixel_values)
+        return self.adapter.image_layouts(self.model, self.spec, pixel_values, self.image_sizes)
 
     def visual_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with record_function("fastnest.vision"):
-            feats = self.adapter.vision_features(self.model, pixel_values, **self.vision_options)
+            feats = self.adapter.vision_features(
+                self.model, pixel_values, image_sizes=self.image_sizes, **self.vision_options
+            )
         with record_function("fastnest.connector"):
-            rows = self.adapter.connector_rows(self.model, feats, self.spec, self.state.backend)
-        return rows.reshape(-1, rows.shape[-1])
+            return self.adapter.visual_rows(self.model, feats, self.spec, self.state.backend, self.image_sizes)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed = self.model.get_input_embeddings()
@@ -133,12 +133,14 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
     options = {k: v for k, v in vision_options.items() if v is not None}
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     batch["inputs_embeds"] = kwargs.pop("inputs_embeds", None)
+    state = patch_state(self)
     if pixel_values is None:  # text only, or a decode step with a cache: nothing to pool
-        inference.image_scales(patch_state(self), scale, 0)
+        inference.image_scales(state, scale, 0)
         return own(self, **batch, **options, **kwargs)
-    scales = inference.image_scales(patch_state(self), scale, pixel_values.shape[0])
+    image_sizes = options.get("image_sizes")
+    scales = inference.image_scales(state, scale, state.adapter.num_images(pixel_values, image_sizes))
     left = inference.left_padded(attention_mask)
-    cut = inference.cut_of(self, scales, pixel_values, batch, left)
+    cut = inference.cut_of(self, scales, pixel_values, batch, left, image_sizes)
     if cut is None:  # at full scale (or already at scale) everything, shift_labels too, is Hugging Face's as given
         shrunk = batch
     else:  # the sequence gets shorter
@@ -169,10 +171,11 @@ def patched_generate(self, inputs=None, *args, scale=None, **kwargs):
     if pixel_values is None:
         inference.image_scales(patch_state(self), scale, 0)
         return own(self, input_ids, *args, **kwargs)
-    scales = inference.image_scales(patch_state(self), scale, pixel_values.shape[0])
+    state, image_sizes = patch_state(self), kwargs.get("image_sizes")
+    scales = inference.image_scales(state, scale, state.adapter.num_images(pixel_values, image_sizes))
     batch = {"input_ids": input_ids, "attention_mask": kwargs.pop("attention_mask", None)}
     batch["inputs_embeds"] = kwargs.pop("inputs_embeds", None)
-    shrunk = inference.shrink(self, scales, pixel_values, batch, left=True)
+    shrunk = inference.shrink(self, scales, pixel_values, batch, left=True, image_sizes=image_sizes)
     with inference.calling(self, scales):
         out = own(self, *args, **{k: v for k, v in shrunk.items() if v is not None}, **kwargs)
     if input_ids is None or shrunk["input_ids"] is input_ids:

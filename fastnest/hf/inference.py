@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -90,7 +91,9 @@ class Cut:
     is_image: torch.Tensor
 
 
-def cut_of(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool) -> Cut | None:
+def cut_of(
+    model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool, image_sizes=None
+) -> Cut | None:
     """The cut that takes each image's placeholder run of ``batch`` (``input_ids`` or ``inputs_embeds``,
     ``attention_mask``) to its scale's count; None when the batch already holds those counts."""
     state = patch_state(model)
@@ -102,7 +105,7 @@ def cut_of(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict
     mask = batch.get("attention_mask")
     valid = torch.ones_like(reference, dtype=torch.bool) if mask is None else mask.bool()
     is_image = _placeholders(model, ids, embeds, token_id) & valid
-    layouts = state.adapter.image_layouts(model, state.spec, pixel_values)
+    layouts = state.adapter.image_layouts(model, state.spec, pixel_values, image_sizes)
     full = [layout.placeholders for layout in layouts]
     counts = [layout.count(state.spec.index(s)) for layout, s in zip(layouts, scales)]
     cut = scaled_columns(valid.cpu(), is_image.cpu(), full, counts, left=left, image_token_id=token_id)
@@ -122,10 +125,10 @@ def apply_cut(model, batch: dict, cut: Cut) -> dict:
     return out
 
 
-def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool) -> dict:
+def shrink(model, scales: Sequence[int], pixel_values: torch.Tensor, batch: dict, left: bool, image_sizes=None) -> dict:
     """``batch`` (``input_ids`` / ``inputs_embeds``, ``attention_mask``, ``labels``, optional) with each image's
     placeholder run cut to its scale's count; unchanged when it already holds them."""
-    cut = cut_of(model, scales, pixel_values, batch, left)
+    cut = cut_of(model, scales, pixel_values, batch, left, image_sizes)
     return dict(batch) if cut is None else apply_cut(model, batch, cut)
 
 
@@ -151,48 +154,41 @@ def _take(t: torch.Tensor, index: torch.Tensor, pad) -> torch.Tensor:
     return picked.masked_fill((index < 0).view(*index.shape, *[1] * (t.dim() - 2)), pad)
 
 
-def image_features(
-    inner: nn.Module,
-    pixel_values: torch.Tensor,
-    vision_feature_layer=None,
-    vision_feature_select_strategy=None,
-    image_sizes=None,
-    **kwargs,
-):
+def _arguments(method, instance, args: tuple, kwargs: dict) -> dict:
+    """``method(instance, *args, **kwargs)``'s arguments by name, those it takes as ``**kwargs`` among them."""
+    signature = inspect.signature(method)
+    named = signature.bind(instance, *args, **kwargs).arguments
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(param.name, {}))
+    named.pop(next(iter(signature.parameters)))  # the instance
+    return dict(named)
+
+
+def image_features(inner: nn.Module, *args, **kwargs):
     """The patched model's ``get_image_features`` (bound on its multimodal module): inside a fastnest call,
-    each image's features pooled to its scale; elsewhere Hugging Face's own."""
+    each image's features pooled to its scale; elsewhere Hugging Face's own. Arguments as the family's own
+    method takes them (LLaVA-NeXT passes ``image_sizes`` second, by position)."""
     call = _CALL.get()
     own = type(inner).get_image_features
     if call is None or patch_state(call.model).adapter.multimodal(call.model) is not inner:
-        return own(
-            inner,
-            pixel_values=pixel_values,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
-            **kwargs,
-        )
-    if image_sizes is not None:
-        raise ValueError("image_sizes is not supported: fastnest pools fixed-size LLaVA grids")
+        return own(inner, *args, **kwargs)
+    options = _arguments(own, inner, args, kwargs)
+    pixel_values, image_sizes = options.pop("pixel_values"), options.pop("image_sizes", None)
+    layer = options.pop("vision_feature_layer", None)
+    strategy = options.pop("vision_feature_select_strategy", None)
     model, state = call.model, patch_state(call.model)
-    scales = call.scales
-    if len(scales) != pixel_values.shape[0]:  # generate repeats each image for num_return_sequences / beams
-        repeat, rest = divmod(pixel_values.shape[0], len(scales))
+    scales, count = call.scales, state.adapter.num_images(pixel_values, image_sizes)
+    if len(scales) != count:  # generate repeats each image for num_return_sequences / beams
+        repeat, rest = divmod(count, len(scales))
         if rest or not repeat:
-            raise ValueError(f"{pixel_values.shape[0]} images reached the model for {len(scales)} scales")
+            raise ValueError(f"{count} images reached the model for {len(scales)} scales")
         scales = [s for s in scales for _ in range(repeat)]
-    kwargs.pop("return_dict", None)
+    options.pop("return_dict", None)
     outputs, feats = state.adapter.vision_outputs(
-        model, pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        model, pixel_values, layer, strategy, image_sizes=image_sizes, **options
     )
-    pooled: list[torch.Tensor | None] = [None] * len(scales)
-    for s in dict.fromkeys(scales):
-        pick = [i for i, si in enumerate(scales) if si == s]
-        only = state.spec.only(s)
-        rows = state.adapter.connector_rows(model, feats[pick], only, state.backend)
-        layouts = state.adapter.image_layouts(model, only, pixel_values[pick])
-        for j, i in enumerate(pick):  # an image's features at s: its rows at its layout's tokens
-            pooled[i] = rows[j][layouts[j].tokens[0].to(rows.device)]
+    pooled = state.adapter.scaled_features(model, feats, scales, state.spec, state.backend, pixel_values, image_sizes)
     return BaseModelOutputWithPooling(
         last_hidden_state=outputs.last_hidden_state,
         pooler_output=pooled,
@@ -210,11 +206,12 @@ def scaled_inputs(
     inputs_embeds: torch.Tensor | None = None,
     scale: int | Sequence[int] | None = None,
     padding_side: str | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The batch exactly as a patched model's forward hands it to Hugging Face at ``scale`` (one scale, or one
     per image): each image's placeholder run cut to its scale's count, rows padded on ``padding_side``
     ("left", "right"; default: as the caller padded). Returns the given tensors so shortened, with the new
-    ``attention_mask``; a batch already at scale comes back as given."""
+    ``attention_mask``; a batch already at scale comes back as given. ``image_sizes``: LLaVA-NeXT's."""
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
     state = patch_state(model)
@@ -222,9 +219,10 @@ def scaled_inputs(
     if pixel_values is None:
         image_scales(state, scale, 0)
         return {k: v for k, v in batch.items() if v is not None}
-    scales = image_scales(state, scale, pixel_values.shape[0])
+    scales = image_scales(state, scale, state.adapter.num_images(pixel_values, image_sizes))
     left = padding_side == "left" if padding_side is not None else left_padded(attention_mask)
-    return {k: v for k, v in shrink(model, scales, pixel_values, batch, left).items() if v is not None}
+    shrunk = shrink(model, scales, pixel_values, batch, left, image_sizes)
+    return {k: v for k, v in shrunk.items() if v is not None}
 
 
 def left_padded(attention_mask: torch.Tensor | None) -> bool:

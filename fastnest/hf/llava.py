@@ -67,7 +67,8 @@ class LlavaAdapter(ModelAdapter):
             )
         return config.vision_config.image_size // config.vision_config.patch_size
 
-    def image_layouts(self, model, spec, pixel_values):
+    def image_layouts(self, model, spec, pixel_values, image_sizes=None):
+        _refuse_image_sizes(image_sizes)
         if pixel_values is None:
             return []
         if pixel_values.dim() != 4:
@@ -88,10 +89,17 @@ class LlavaAdapter(ModelAdapter):
         return model.model
 
     def vision_outputs(
-        self, model, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **tower_options
+        self,
+        model,
+        pixel_values,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        image_sizes=None,
+        **tower_options,
     ):
         """The tower's outputs, and the configured (or given) layer(s) with CLS dropped by the 'default'
         strategy: ``[N, grid², Dv]``."""
+        _refuse_image_sizes(image_sizes)
         config, tower = model.config, self.vision_tower(model)
         layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
@@ -102,8 +110,12 @@ class LlavaAdapter(ModelAdapter):
             feats = [f[:, 1:] for f in feats]
         return out, torch.cat(feats, dim=-1)
 
-    def vision_features(self, model, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None):
-        return self.vision_outputs(model, pixel_values, vision_feature_layer, vision_feature_select_strategy)[1]
+    def vision_features(
+        self, model, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None
+    ):
+        return self.vision_outputs(
+            model, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes=image_sizes
+        )[1]
 
     def dummy_row(self, model) -> dict[str, torch.Tensor]:
         vision = model.config.vision_config
@@ -117,6 +129,11 @@ class LlavaAdapter(ModelAdapter):
             "labels": torch.full((1, len(row)), IGNORE_INDEX),
             "pixel_values": torch.zeros(1, 3, height, width),
         }
+
+
+def _refuse_image_sizes(image_sizes) -> None:
+    if image_sizes is not None:
+        raise ValueError("image_sizes is not supported: fastnest pools fixed-size LLaVA grids")
 
 
 LLAVA = LlavaAdapter()
@@ -158,6 +175,22 @@ def patch_llava(
         )
     if scales is None:
         scales = stored_setting(model, "scales", DEFAULT_SCALES)
+    return install(model, pooled_state(LLAVA, model, scales, attention, share_prefix, backend, sampling, seed))
+
+
+def pooled_state(
+    adapter: ModelAdapter,
+    model,
+    scales,
+    attention: str,
+    share_prefix: bool,
+    backend: str | None,
+    sampling: str = "all",
+    seed: int = 0,
+) -> PatchState:
+    """The patch state of a pooled-grid family (LLaVA, LLaVA-NeXT), its options checked: a ValueError or
+    TypeError naming a bad scale set, kernel backend, attention backend or sampling; a warning for flex without
+    CUDA."""
     if isinstance(scales, (int, str, bytes)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"scales must be a sequence of ints such as {DEFAULT_SCALES}, got {scales!r}")
     if backend not in (None, "auto"):
@@ -167,7 +200,7 @@ def patch_llava(
             "backend 'triton' needs CUDA and torch.cuda.is_available() is False (TRITON_INTERPRET=1 runs it on "
             "CPU); here use 'native', 'torch' or 'auto'"
         )
-    spec = MatryoshkaScales(LLAVA.grid(model), scales)
+    spec = MatryoshkaScales(adapter.grid(model), scales)
     if sampling not in SAMPLING:
         raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     draw = None
@@ -178,10 +211,9 @@ def patch_llava(
         warnings.warn(
             "attention='flex': FlexAttention's backward needs CUDA, which this process lacks; the packed forward "
             "(fastnest analyze) runs here, a training step will be refused (use attention='sdpa' or 'auto' to train)",
-            stacklevel=2,
+            stacklevel=3,
         )
-    state = PatchState(LLAVA, spec, max(spec.scales), backend, attention, bool(share_prefix), draw=draw)
-    return install(model, state)
+    return PatchState(adapter, spec, max(spec.scales), backend, attention, bool(share_prefix), draw=draw)
 
 
 def install(model: torch.nn.Module, state: PatchState) -> torch.nn.Module:
@@ -189,14 +221,15 @@ def install(model: torch.nn.Module, state: PatchState) -> torch.nn.Module:
     set_state(model, state)
     hf_attention.route(state.adapter.language_model(model))
     inner = state.adapter.multimodal(model)
-    inner.get_image_features = types.MethodType(image_features, inner)
+    inner.get_image_features = _bind(inner, image_features, type(inner).get_image_features)
     model.forward = _bind(model, patched_forward, type(model).forward)
     model.generate = _bind(model, patched_generate, type(model).generate)
     return model
 
 
 def _bind(model, impl, original) -> types.MethodType:
-    """``impl`` as a method of this instance, carrying ``original``'s signature (generate inspects it).
+    """``impl`` as a method of this instance, carrying ``original``'s signature (generate inspects it, and picks
+    the image encoder's arguments by it).
 
     A bound method (not a closure) so that ``copy.deepcopy`` rebinds it to the copy.
     """

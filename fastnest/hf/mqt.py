@@ -34,7 +34,9 @@ class MQTLlavaAdapter(LlavaAdapter):
     def num_queries(self, model) -> int:
         return self.connector(model).num_queries
 
-    def image_layouts(self, model, spec, pixel_values):
+    def image_layouts(self, model, spec, pixel_values, image_sizes=None):
+        if image_sizes is not None:
+            raise ValueError("image_sizes is not supported: mqt_llava reads one fixed-size grid per image")
         layout = query_prefix(self.num_queries(model), spec.scales)
         return [layout] * (0 if pixel_values is None else pixel_values.shape[0])
 

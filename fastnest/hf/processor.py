@@ -9,7 +9,8 @@ from ..scales import MatryoshkaScales
 
 
 def processor_at_scale(processor, scale: int):
-    """A copy of ``processor`` (a ``LlavaProcessor``) whose prompts hold ``scale`` placeholders per image.
+    """A copy of ``processor`` (a ``LlavaProcessor``) whose prompts hold ``scale`` placeholders per image (a
+    ``LlavaNextProcessor``: each image's anyres count at ``scale``, with Hugging Face's unpad rounding).
 
     LlavaProcessor counts ``(h // patch_size) * (w // patch_size)`` placeholders (plus its additional tokens,
     minus CLS under the 'default' strategy), so a patch size ``k = grid / sqrt(scale)`` times larger gives

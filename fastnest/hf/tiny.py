@@ -94,3 +94,51 @@ def tiny_mqt_llava(
     )
     config._attn_implementation = attn_implementation
     return MQTLlavaForConditionalGeneration(config)
+
+
+def tiny_llava_next(
+    *,
+    grid: int = 24,
+    patch_size: int = 2,
+    image_grid_pinpoints: list[list[int]] | None = None,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab: int = 384,
+    image_token_id: int | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """A small LLaVA-NeXT (``LlavaNextForConditionalGeneration``): the tiny LLaVA's tower and Llama, crops of
+    ``grid * patch_size`` pixels (48: a 24x24 grid) and by default grids of 1x2, 2x1 and 2x2 crops
+    (``image_grid_pinpoints`` as Hugging Face reads them: (height, width) pairs); the image placeholder token
+    defaults to the last vocabulary id."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    crop = grid * patch_size
+    base = tiny_llava(
+        grid=grid,
+        patch_size=patch_size,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+    ).config
+    text = base.text_config
+    text.num_hidden_layers, text.vocab_size = layers, vocab
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=text,
+        image_token_id=vocab - 1 if image_token_id is None else image_token_id,
+        image_grid_pinpoints=image_grid_pinpoints or [[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    return LlavaNextForConditionalGeneration(config)
