@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaNextForConditionalGeneration
 
+import fastnest
 from fastnest.hf.convert import convert_original
 from tools.original_llava import (
     OriginalLlava,
@@ -101,3 +102,27 @@ def test_full_scale_logits_equal_the_original_forward(next_checkpoint, size):
     want = original_logits(model, ids, crops, image_size=size, pinpoints=PINPOINTS)
     assert want.shape[1] == got.shape[1] == ids.shape[1] - 1 + 36 + release
     torch.testing.assert_close(got[..., :V], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_patched_conversion_restores_the_scales_and_equals_the_original_at_each(next_checkpoint, size):
+    """``fastnest.patch`` on the converted model reads the stored scales; with the release's unpadding its logits
+    at every scale equal the original forward with each crop pooled to that scale."""
+    model, root = next_checkpoint
+    converted = fastnest.patch(LlavaNextForConditionalGeneration.from_pretrained(root / "hf"), unpad="released")
+    assert fastnest.patch_state(converted).spec.scales == tuple(SCALES)
+    converted.eval()
+    processor = AutoProcessor.from_pretrained(root / "hf")
+    across, down = (d // CROP for d in select_best_resolution(size, PINPOINTS))
+    rng = np.random.default_rng(sum(size) + 1)
+    picture = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    before, after = "user describe the picture", "assistant a blue square"
+    inputs = processor(text=f"{before} <image> {after}", images=picture, return_tensors="pt")
+    ids = original_ids(AutoTokenizer.from_pretrained(root / "original"), before, after)
+    crops = inputs["pixel_values"][0, : 1 + across * down]
+    for scale in SCALES:
+        with torch.no_grad():
+            got = converted(**inputs, scale=scale).logits
+        want = original_logits(model, ids, crops, scale=scale, image_size=size, pinpoints=PINPOINTS)
+        assert got.shape[1] == want.shape[1], scale
+        torch.testing.assert_close(got[..., :V], want, rtol=1e-5, atol=1e-5, msg=f"scale {scale}")
