@@ -102,12 +102,17 @@ setup(
         "pillow",  # images of fastnest train/analyze
         "tqdm",
     ],
-    entry_points={"console_scripts": ["fastnest=fastnest.train.cli:main"]},
+    entry_points={
+        "console_scripts": ["fastnest=fastnest.train.cli:main"],
+        # lmms-eval (>= 0.7) finds plugin models here: `python -m lmms_eval --model fastnest ...`
+        "lmms_eval.models": ["fastnest=fastnest.eval.manifest:lmms_eval_manifest"],
+    },
     extras_require={
         # flash-attn 2.1: bottom-right causal alignment; xformers 0.0.28: attention biases built on a device
         "gpu": ["flash-attn>=2.1", "xformers>=0.0.28"],
         "test": ["pytest", "pytest-benchmark", "ruff", "accelerate"],  # accelerate: transformers.Trainer
         "convert": ["sentencepiece", "protobuf"],  # fastnest convert: a tokenizer shipped as tokenizer.model
+        "eval": ["lmms-eval>=0.7.3,<0.8"],  # the fastnest model of lmms-eval (fastnest/eval/)
     },
     ext_modules=[CMakeExtension("fastnest._C")],
     cmdclass={"build_ext": cmake_build_ext},

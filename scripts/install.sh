@@ -30,4 +30,10 @@ echo "torch==${torch_version}" > "$constraints"
 echo "install.sh: python -m pip install -e '.[test]' with constraint torch==${torch_version}"
 python -m pip install -c "$constraints" -e ".[test]"
 
+# lmms-eval for tests/test_lmms_eval_model.py, without its dependency set (that pulls torchvision, which would
+# replace the CPU torch): its model API imports only pytz and loguru beyond fastnest's own dependencies.
+echo "install.sh: lmms-eval 0.7.3 --no-deps, with pytz and loguru"
+python -m pip install -c "$constraints" --no-deps "lmms-eval==0.7.3"
+python -m pip install -c "$constraints" pytz loguru
+
 python -c 'import fastnest, torch; print(f"install.sh: fastnest {fastnest.__version__}, torch {torch.__version__}")'
