@@ -20,11 +20,12 @@ import fastnest  # noqa: E402
 from fastnest.eval.lmms_eval_model import Fastnest  # noqa: E402
 from fastnest.eval.manifest import lmms_eval_manifest  # noqa: E402
 from fastnest.eval.prompts import user_prompt  # noqa: E402
-from fastnest.hf.tiny import tiny_llava, tiny_mqt_llava  # noqa: E402
+from fastnest.hf.tiny import tiny_llava, tiny_llava_next, tiny_mqt_llava  # noqa: E402
 from fastnest.train.template import SYSTEM_V1  # noqa: E402
 from fastnest.train.tiny_processor import CLIPImageProcessor, word_tokenizer  # noqa: E402
 from tools.m3_reference import reference_greedy, scaled_rows  # noqa: E402
 from tools.mqt_reference import count_rows  # noqa: E402
+from tools.next_reference import scaled_rows as next_scaled_rows  # noqa: E402
 
 WORDS = "USER: ASSISTANT: what colour is it ? red blue green shape".split()
 QUESTION = "what colour is it ?"
@@ -56,6 +57,36 @@ def llava(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    """A saved tiny LLaVA-NeXT (48-pixel crops on a 24x24 grid, 2x1 / 1x2 / 2x2 grids of crops) and the model."""
+    from transformers import LlavaNextProcessor
+
+    try:  # the PIL-backed class: no torchvision needed
+        from transformers import LlavaNextImageProcessorPil as LlavaNextImageProcessor
+    except ImportError:  # transformers 5.0
+        from transformers import LlavaNextImageProcessor
+
+    pinpoints = [[48, 96], [96, 48], [96, 96]]
+    crops = LlavaNextImageProcessor(
+        size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=crops,
+        tokenizer=word_tokenizer(SYSTEM_V1.split() + WORDS),
+        patch_size=2,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    torch.manual_seed(0)
+    tok = proc.tokenizer
+    model = tiny_llava_next(image_grid_pinpoints=pinpoints, vocab=len(tok), image_token_id=tok.image_token_id).eval()
+    path = tmp_path_factory.mktemp("llava_next")
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path, model, proc
+
+
+@pytest.fixture(scope="module")
 def mqt(tmp_path_factory):
     """A saved tiny MQT-LLaVA (M = 16 queries on a 6x6 grid; its processor writes 16 placeholders)."""
     proc = fastnest.processor_for_queries(processor(84, 14), M)
@@ -69,6 +100,12 @@ def mqt(tmp_path_factory):
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return path, model.eval(), proc
+
+
+@pytest.fixture
+def request_fixture(request):
+    """The saved model of a family by name (its fixture is built on first use)."""
+    return request.getfixturevalue
 
 
 def images(n: int = 2) -> list:
@@ -102,6 +139,8 @@ def reference_embeds(model, proc, text: str, pictures: list, scale: int) -> torc
     with torch.no_grad():
         if model.config.model_type == "mqt_llava":
             (embeds,), _ = count_rows(model, ids, mask, pixels, torch.full_like(ids, -100), scale)
+        elif model.config.model_type == "llava_next":
+            (embeds,), _ = next_scaled_rows(model, ids, mask, pixels, inputs["image_sizes"], None, scale)
         else:
             (embeds,), _, _ = scaled_rows(model, ids, mask, pixels, None, scale)
     return embeds.detach()
@@ -133,10 +172,10 @@ def likeliest_word(model, proc, text: str, pictures: list, scale: int) -> str:
     return proc.tokenizer.convert_ids_to_tokens(int(logits.argmax()))
 
 
-@pytest.mark.parametrize("family", ["llava", "mqt"])
-def test_loglikelihood_at_each_scale_equals_the_reference(family, llava, mqt):
-    path, model, proc = llava if family == "llava" else mqt
-    scales = (1, 36, 576) if family == "llava" else (1, 4, M)
+@pytest.mark.parametrize("family", ["llava", "llava_next", "mqt"])
+def test_loglikelihood_at_each_scale_equals_the_reference(family, request_fixture):
+    path, model, proc = request_fixture(family)
+    scales = (1, 4, M) if family == "mqt" else (1, 36, 576)
     values, greedy = [], []
     for scale in scales:
         lm = evaluator(path, scale)
@@ -178,11 +217,11 @@ def test_batched_rows_with_different_image_counts_equal_one_at_a_time(mqt):
         assert lp_batched == pytest.approx(ref, abs=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava", "mqt"])
-def test_generate_until_at_each_scale_equals_greedy_generation(family, llava, mqt):
-    path, model, proc = llava if family == "llava" else mqt
+@pytest.mark.parametrize("family", ["llava", "llava_next", "mqt"])
+def test_generate_until_at_each_scale_equals_greedy_generation(family, request_fixture):
+    path, model, proc = request_fixture(family)
     prompt = v1_prompt(f"<image>\n{QUESTION}")
-    for scale in (9, 144) if family == "llava" else (2, M):
+    for scale in (2, M) if family == "mqt" else (9, 144):
         lm = evaluator(path, scale)
         want = reference_text(model, proc, prompt, images(1), scale)
         options = {"max_new_tokens": STEPS, "temperature": 0, "do_sample": False}
