@@ -141,7 +141,8 @@ def test_dummy_row_keeps_image_sizes_and_changes_nothing():
         grads.append({n: p.grad for n, p in model.named_parameters()})
         grads[-1]["loss"] = out.loss.detach()
     assert grads[1]["model.image_newline"] is not None
-    assert grads[1]["model.vision_tower.embeddings.patch_embedding.weight"] is not None
+    patch = [n for n in grads[1] if "patch_embedding" in n]  # the tower's path differs across transformers 5.x
+    assert patch and all(grads[1][n] is not None for n in patch)
     for name, g in grads[0].items():
         other = grads[1][name]
         if g is None:
