@@ -108,6 +108,7 @@ def tiny_llava_next(
     heads: int = 4,
     kv_heads: int = 2,
     intermediate: int | None = None,
+    rope_theta: float = 10000.0,
     vocab: int = 384,
     image_token_id: int | None = None,
     attn_implementation: str = "sdpa",
@@ -128,6 +129,7 @@ def tiny_llava_next(
         heads=heads,
         kv_heads=kv_heads,
         intermediate=intermediate,
+        rope_theta=rope_theta,
     ).config
     text = base.text_config
     text.num_hidden_layers, text.vocab_size = layers, vocab

@@ -48,13 +48,13 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _model_and_data_options(g, d) -> None:
-    from .config import CONNECTORS, DEFAULT_NUM_QUERIES, QUERY_KEYS, SCALE_SAMPLING
+    from .config import ARCHS, CONNECTORS, DEFAULT_NUM_QUERIES, QUERY_KEYS, SCALE_SAMPLING
 
     g.add_argument("--output-dir", default=d.output_dir, help="run directory (default: %(default)s)")
     g.add_argument(
         "--model",
-        help="Hugging Face LLaVA (or, with --connector mqt, mqt_llava) directory (default: the built-in tiny model, "
-        "from scratch)",
+        help="Hugging Face LLaVA or LLaVA-NeXT (or, with --connector mqt, mqt_llava) directory (default: the built-in "
+        "tiny model, from scratch)",
     )
     g.add_argument("--data", help="LLaVA conversation-format .json (array) or .jsonl (default: built-in synthetic)")
     g.add_argument("--image-folder", help="root of the image paths in --data (default: the file's folder)")
@@ -66,6 +66,12 @@ def _model_and_data_options(g, d) -> None:
         default=d.connector,
         help="pooled: LLaVA-1.5's projector pooled to --scales (M3); mqt: a Matryoshka Query Transformer trained "
         "on --num-tokens (MQT-LLaVA) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--arch",
+        choices=ARCHS,
+        help="--connector pooled: the built-in tiny model's family, llava (LLaVA-1.5) or llava-next (anyres crops, "
+        "image_newline); with --model it must be the model's own (default: llava, or --model's)",
     )
     g.add_argument(
         "--scales",

@@ -16,6 +16,7 @@ CONNECTORS = ("pooled", "mqt")  # LLaVA's projector pooled to scales (M3); a Mat
 DEFAULT_NUM_QUERIES = 144  # the built-in MQT-LLaVA's M: log-spaced counts 2..144, a 12x12 query grid
 QUERY_KEYS = ("positional", "features")
 MQT_OPTIONS = ("num_tokens", "num_queries", "query_keys")
+ARCHS = ("llava", "llava-next")  # the built-in pooled model: LLaVA-1.5 or LLaVA-NeXT (anyres)
 SCALE_SAMPLING = ("all", "random")  # fastnest.hf.llava.SAMPLING, without importing the model code here
 
 
@@ -24,6 +25,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     model: str | None = None  # Hugging Face LLaVA / MQT-LLaVA directory; None: the built-in tiny model
     connector: str = "pooled"  # "pooled": LLaVA-1.5 trained on pooled scales (M3); "mqt": MQT-LLaVA
+    arch: str | None = None  # pooled: the built-in model's family (ARCHS; None: llava), or --model's, checked
     data: str | None = None  # LLaVA conversation JSON / JSONL; None: the built-in synthetic set
     image_folder: str | None = None
     eval_data: str | None = None
@@ -88,6 +90,8 @@ def _check_connector_options(cfg: TrainConfig) -> None:
         raise ValueError(f"--connector {cfg.connector!r}: choose one of {', '.join(CONNECTORS)}")
     if cfg.scale_sampling not in SCALE_SAMPLING:
         raise ValueError(f"--scale-sampling {cfg.scale_sampling!r}: choose one of {', '.join(SCALE_SAMPLING)}")
+    if cfg.arch is not None and cfg.arch not in ARCHS:
+        raise ValueError(f"--arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
     if cfg.connector == "pooled":
         for name in MQT_OPTIONS:
             if getattr(cfg, name) is not None:
@@ -97,6 +101,11 @@ def _check_connector_options(cfg: TrainConfig) -> None:
                 )
         cfg.scales = tuple(DEFAULT_SCALES if cfg.scales is None else cfg.scales)
         return
+    if cfg.arch is not None:
+        raise ValueError(
+            f"--arch {cfg.arch} is an option of --connector pooled (the pooled LLaVA families); --connector mqt "
+            "trains an MQT-LLaVA: drop --arch"
+        )
     if cfg.scale_sampling != "all":
         raise ValueError(
             "--scale-sampling random is an option of --connector pooled; with --connector mqt one token count per "

@@ -200,25 +200,38 @@ class Batch:
 
 
 class Collator:
-    """Examples -> a right-padded batch in ``LlavaProcessor``'s layout, labels on assistant turns."""
+    """Examples -> a right-padded batch in ``LlavaProcessor``'s layout, labels on assistant turns.
+
+    An anyres processor (``LlavaNextProcessor``: its image processor has ``image_grid_pinpoints``) gives each
+    image its own placeholder count, the processor's for the image's size, and the batch carries
+    ``pixel_values [images, crops, 3, H, W]`` and ``image_sizes``; ``tokens_per_image`` is then unused."""
 
     def __init__(self, processor, tokens_per_image: int, max_length: int, system: str = SYSTEM_V1) -> None:
-        self.tokenizer, self.images = processor.tokenizer, processor.image_processor
+        self.processor, self.tokenizer, self.images = processor, processor.tokenizer, processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_TAG))
         self.tokens_per_image, self.max_length, self.system = tokens_per_image, max_length, system
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.anyres = getattr(self.images, "image_grid_pinpoints", None) is not None
+
+    def image_counts(self, images: list) -> int | list[int]:
+        """Placeholders per image: the fixed count, or (anyres) the processor's count for each image's size."""
+        if not self.anyres:
+            return self.tokens_per_image
+        sizes = [rgb_array(im).shape[:2] for im in images]
+        return self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
 
     def __call__(self, examples: list[Example | None], bad: BadSamples) -> Batch | None:
         kept, encoded = [], []
         for ex in examples:
             if ex is None:
                 continue
+            counts = self.image_counts(ex.images)
             try:
                 enc = encode_v1(
                     ex.conversations,
                     self.tokenizer,
                     image_token_id=self.image_token_id,
-                    tokens_per_image=self.tokens_per_image,
+                    tokens_per_image=counts,
                     system=self.system,
                 )
             except BadSample as e:
@@ -228,7 +241,7 @@ class Collator:
                 bad.report(
                     ex.where,
                     "over-long row",
-                    f"{len(enc.input_ids)} tokens ({enc.num_images} image(s) of {self.tokens_per_image}) exceed "
+                    f"{len(enc.input_ids)} tokens ({enc.num_images} image(s) of {counts}) exceed "
                     f"--max-length {self.max_length}",
                 )
                 continue
@@ -246,7 +259,7 @@ class Collator:
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         images = [im for ex in kept for im in ex.images]
         if images:
-            inputs["pixel_values"] = pixel_values(self.images, images)
+            inputs.update(pixel_values(self.images, images))
         return Batch(inputs, [ex.question_type for ex in kept], [ex.where for ex in kept])
 
 

@@ -29,7 +29,9 @@ def rgb_array(image, where: str = "image") -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def pixel_values(image_processor, images: list) -> torch.Tensor:
-    """The processor's ``pixel_values`` of ``images`` (``rgb_array`` inputs), channels stated."""
+def pixel_values(image_processor, images: list) -> dict[str, torch.Tensor]:
+    """The processor's ``pixel_values`` of ``images`` (``rgb_array`` inputs), channels stated; an anyres
+    processor's ``image_sizes`` too."""
     arrays = [rgb_array(im) for im in images]
-    return image_processor(arrays, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+    out = image_processor(arrays, return_tensors="pt", input_data_format="channels_last")
+    return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}

@@ -1,5 +1,5 @@
-"""Building, loading and saving the model a run trains: a Hugging Face LLaVA (or MQT-LLaVA) directory plus
-fastnest settings."""
+"""Building, loading and saving the model a run trains: a Hugging Face LLaVA (LLaVA-NeXT, MQT-LLaVA) directory
+plus fastnest settings."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 from ..hf import MQTLlavaConfig, MQTLlavaForConditionalGeneration, patch, processor_for_queries
-from ..hf.tiny import tiny_llava
+from ..hf.tiny import tiny_llava, tiny_llava_next
 from ..scales import DEFAULT_SCALES
 from .query_counts import log_spaced_counts
-from .tiny_processor import PATCH_SIZE, synthetic_processor
+from .tiny_processor import NEXT_PINPOINTS, PATCH_SIZE, synthetic_next_processor, synthetic_processor
 
 SETTINGS_FILE = "fastnest.json"
-MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "mqt_llava": MQTLlavaForConditionalGeneration}
-CONNECTOR_OF = {"llava": "pooled", "mqt_llava": "mqt"}  # model_type -> the --connector that trains it
+MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "mqt_llava": MQTLlavaForConditionalGeneration,
+}
+CONNECTOR_OF = {"llava": "pooled", "llava_next": "pooled", "mqt_llava": "mqt"}  # model_type -> its --connector
+ARCH_OF = {"llava": "llava", "llava_next": "llava-next"}  # model_type -> the --arch of the built-in model like it
 
 
 def default_model(vocab: int, image_token_id: int, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -50,6 +55,32 @@ def default_model_and_processor(seed: int = 0):
     processor = synthetic_processor()
     tok = processor.tokenizer
     return default_model(len(tok), tok.image_token_id, seed), processor
+
+
+def default_next_model_and_processor(seed: int = 0):
+    """The built-in LLaVA-NeXT: the built-in LLaVA's tower (48-pixel crops, 24x24 grid) and Llama, anyres on
+    ``NEXT_PINPOINTS``; a ``LlavaNextProcessor`` writing each image's full-scale placeholder count."""
+    processor = synthetic_next_processor()
+    tok = processor.tokenizer
+    base = default_model(len(tok), tok.image_token_id, seed)
+    text, vision = base.config.text_config, base.config.vision_config
+    torch.manual_seed(seed)
+    model = tiny_llava_next(
+        grid=vision.image_size // vision.patch_size,
+        patch_size=vision.patch_size,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_hidden=vision.hidden_size,
+        vision_layers=vision.num_hidden_layers,
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        kv_heads=text.num_key_value_heads,
+        rope_theta=text.rope_parameters["rope_theta"],
+        vocab=len(tok),
+        image_token_id=tok.image_token_id,
+    )
+    model.config.vision_feature_layer = base.config.vision_feature_layer
+    return model, processor
 
 
 def default_mqt_model_and_processor(seed: int, num_queries: int, query_keys: str):

@@ -29,12 +29,16 @@ class ScaleLogits:
 
 @torch.no_grad()
 def multiscale_logits(
-    model, input_ids, attention_mask, labels, pixel_values=None, spec: TokenCounts | None = None
+    model, input_ids, attention_mask, labels, pixel_values=None, spec: TokenCounts | None = None, image_sizes=None
 ) -> ScaleLogits:
     """Logits of every scale of ``spec`` (default: the patch's) at the labelled positions of a padded
-    processor-style batch (one LM pass), with the patch's attention backend and kernels."""
+    processor-style batch (one LM pass), with the patch's attention backend and kernels; ``image_sizes``: an
+    anyres model's (LLaVA-NeXT) image sizes, as its processor gives them."""
     # one sequence per (row, scale): each scale's answer logits stand on their own
-    state, step = packed_pass(model, input_ids, attention_mask, labels, pixel_values, share_prefix=False, spec=spec)
+    options = {"image_sizes": image_sizes}  # None: a fixed-size LLaVA's (the packed pass drops it)
+    state, step = packed_pass(
+        model, input_ids, attention_mask, labels, pixel_values, share_prefix=False, vision_options=options, spec=spec
+    )
     packed = step.packed
     logits = state.adapter.lm_head(model)(step.hidden).float()
     sequence = torch.searchsorted(packed.cu_seqlens.long(), packed.logit_index, right=True) - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +60,13 @@ def encode_v1(
     tokenizer,
     *,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | Sequence[int],
     system: str = SYSTEM_V1,
 ) -> Encoded:
     """``system USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...`` (LLaVA v1), tokenised piecewise.
 
-    Each ``<image>`` becomes ``tokens_per_image`` placeholder ids (what ``LlavaProcessor`` produces); labels
+    Each ``<image>`` becomes ``tokens_per_image`` placeholder ids (what ``LlavaProcessor`` produces; a sequence:
+    each image's own count, in order, as ``LlavaNextProcessor`` counts them); labels
     cover each assistant answer and its end-of-sequence token, nothing else.
     """
     check_conversation(conversations)
@@ -89,8 +91,9 @@ def encode_v1(
             prompt += f" {ROLES['human']} {parts[0]}"
             for part in parts[1:]:
                 text(prompt, learn=False)
-                ids.extend([image_token_id] * tokens_per_image)
-                labels.extend([IGNORE_INDEX] * tokens_per_image)
+                count = tokens_per_image if isinstance(tokens_per_image, int) else tokens_per_image[num_images]
+                ids.extend([image_token_id] * count)
+                labels.extend([IGNORE_INDEX] * count)
                 num_images += 1
                 prompt = part
             prompt += f" {ROLES['gpt']}"

@@ -29,9 +29,11 @@ from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, Orde
 from .data_synthetic import TRAIN_DOT_SIZES
 from .guards import NonFiniteError, NonFiniteGuard, nonfinite_parameters
 from .model import (
+    ARCH_OF,
     connector_of,
     default_model_and_processor,
     default_mqt_model_and_processor,
+    default_next_model_and_processor,
     load_model_and_processor,
     save_run_model,
 )
@@ -135,11 +137,18 @@ def _load(cfg: TrainConfig, resume_from: Path | None, meta: bool = False):
             model, processor = default_mqt_model_and_processor(cfg.seed, cfg.num_queries, cfg.query_keys)
         model.to(dtype)
     else:
+        build = default_next_model_and_processor if cfg.arch == "llava-next" else default_model_and_processor
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model, processor = default_model_and_processor(cfg.seed)
+            model, processor = build(cfg.seed)
         model.to(dtype)
+    source = f"--resume {resume_from}" if resume_from is not None else f"--model {cfg.model}"
+    arch = ARCH_OF.get(model.config.model_type)
+    if cfg.arch is not None and arch != cfg.arch:
+        raise ValueError(
+            f"{source} is a {model.config.model_type!r} model, not --arch {cfg.arch}: drop --arch (the model's "
+            f"family is its own) or pass another model"
+        )
     if connector_of(model) != cfg.connector:
-        source = f"--resume {resume_from}" if resume_from is not None else f"--model {cfg.model}"
         raise ValueError(
             f"{source} is a {model.config.model_type!r} model, trained with --connector "
             f"{connector_of(model)}; got --connector {cfg.connector}: pass --connector {connector_of(model)} or "

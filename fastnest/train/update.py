@@ -164,7 +164,8 @@ def with_dummy_row(inputs: dict | None, dummy: dict[str, torch.Tensor]) -> dict:
         k: torch.cat([torch.nn.functional.pad(t[k], (0, width - t[k].shape[1]), value=v) for t in (inputs, dummy)])
         for k, v in pad.items()
     }
-    return {**merged, "pixel_values": dummy["pixel_values"]}
+    images = ("pixel_values", "image_sizes")  # the dummy's image is the only one (anyres: with its size)
+    return {**merged, **{k: dummy[k] for k in images if k in dummy}}
 
 
 def no_sync(model, strategy: str, last: bool):
