@@ -71,13 +71,7 @@ def make_batch(
                 row_labels.append(text.clone() if (i == last_text or not answer_only) else torch.full((seg,), -100))
         ids.append(torch.cat(row_ids))
         labs.append(torch.cat(row_labels))
-    width = max(len(r) for r in ids)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (r, lab) in enumerate(zip(ids, labs)):
-        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-        input_ids[b, span], labels[b, span], mask[b, span] = r, lab, 1
+    input_ids, labels, mask = _padded(ids, labs, padding_side)
     size = cfg.vision_config.image_size
     pixel_values = torch.randn(n_images, 3, size, size, generator=g) if n_images else None
     return Batch(input_ids, mask, pixel_values, labels)
@@ -107,13 +101,7 @@ def make_anyres_batch(model, rows: list[list], sizes: list[tuple[int, int]], pad
                 row_labels.append(text.clone() if i == last_text else torch.full((seg,), -100))
         ids.append(torch.cat(row_ids))
         labs.append(torch.cat(row_labels))
-    width = max(len(r) for r in ids)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (r, lab) in enumerate(zip(ids, labs)):
-        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-        input_ids[b, span], labels[b, span], mask[b, span] = r, lab, 1
+    input_ids, labels, mask = _padded(ids, labs, padding_side)
     crop = model.config.vision_config.image_size
     crops = [1 + a * d for a, d in (anyres_grid_shape((w, h), released_pinpoints(model), crop) for h, w in sizes)]
     pixel_values = torch.randn(len(sizes), max(crops), 3, crop, crop, generator=g)
@@ -121,3 +109,15 @@ def make_anyres_batch(model, rows: list[list], sizes: list[tuple[int, int]], pad
         pixel_values[i, n:] *= 1e4
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     return batch | {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes)}
+
+
+def _padded(ids: list, labs: list, padding_side: str):
+    """Rows of ids and labels padded to one width (id 0, label -100) on ``padding_side``, with their mask."""
+    width = max(len(r) for r in ids)
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    labels = torch.full((len(ids), width), -100)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for b, (r, lab) in enumerate(zip(ids, labs)):
+        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        input_ids[b, span], labels[b, span], mask[b, span] = r, lab, 1
+    return input_ids, labels, mask
