@@ -33,7 +33,10 @@ PINS = (
     "accelerate==0.21.0",  # llava-torch's pin; the 4.36 Trainer passes arguments accelerate 1.x removed
     "llava-torch==1.2.2.post1",
 )
-LAYOUT = 1  # bump when the way the environment is built changes
+# huggingface-hub 0.20 imports requests, which transformers 5's own dependency set no longer brings: installed with
+# its (small, pure) dependencies where the running interpreter lacks it
+WITH_DEPS = ("requests",)
+LAYOUT = 2  # bump when the way the environment is built changes
 MARKER = "fastnest-env.json"
 CHECK = (
     "import transformers, tokenizers, huggingface_hub, accelerate, llava.model, llava.train.train\n"
@@ -64,7 +67,8 @@ def env_dir() -> Path:
 
 
 def _wanted() -> dict:
-    return {"layout": LAYOUT, "pins": list(PINS), "python": sys.executable, "sites": _parent_sites()}
+    pins = [*PINS, *WITH_DEPS]
+    return {"layout": LAYOUT, "pins": pins, "python": sys.executable, "sites": _parent_sites()}
 
 
 @contextlib.contextmanager
@@ -110,7 +114,11 @@ def ensure_env() -> Path:
         # --ignore-installed: the parent's newer versions are visible and must be shadowed, never uninstalled
         pip = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", *PINS]
         _run(pip, f"pip install {' '.join(PINS)}", PIP_TIMEOUT_S)
-        _run([str(python), "-c", CHECK], "importing the original LLaVA code in its environment", 120)
+        _run([str(python), "-m", "pip", "install", "-q", *WITH_DEPS], f"pip install {' '.join(WITH_DEPS)}", 300)
+        # installed but not importable is this recipe's fault, not the machine's: fail, never skip
+        check = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, timeout=120)
+        if check.returncode != 0:
+            raise RuntimeError(f"the original LLaVA environment {root} was built but does not import:\n{check.stderr}")
         marker.write_text(json.dumps(_wanted(), indent=1))
     return python
 
