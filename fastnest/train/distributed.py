@@ -82,9 +82,9 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, bf16: bool = False) -> 
     plus the root.
 
     FSDP2 takes rank 0's model on the host and every other rank's on the meta device (built from the config,
-    no weights read): ``fully_shard`` keeps each process's shard of each unit on ``d.device`` (rank 0's host
-    copy of a unit is freed as it is sharded), the meta shards are allocated there, and rank 0 broadcasts the
-    weights and buffers into them. No device ever holds more than the shards plus one unit, and only rank 0's
+    no weights read): ``fully_shard`` keeps each process's shard of each unit on ``d.device``, the meta shards
+    are allocated there, and rank 0 broadcasts the weights and buffers into them from its host copy (freed
+    once they are sent). No device ever holds more than the shards plus one unit, and only rank 0's
     host ever holds the whole model."""
     if strategy == "none":
         return model
