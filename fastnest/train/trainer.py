@@ -9,6 +9,7 @@ checkpoint after the current step (signals), a full disk is named (storage).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -114,6 +115,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run training (and the analysis at the end); return the run summary (also written as summary.json)."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     d = distributed.init(cfg.device)
+    run = None
     try:
         run = _setup(cfg, d)
         train_wall0 = time.perf_counter()
@@ -121,6 +123,10 @@ def train(cfg: TrainConfig) -> dict:
             _loop(run, train_wall0, cpu0)
         return _finish(run, wall0, cpu0, time.perf_counter() - train_wall0)
     finally:
+        # DDP's reducer holds the process group: freed after destroy_process_group, the group's destructor
+        # joins gloo's worker thread while holding the GIL that thread needs (a hang at exit), so free it first
+        del run
+        gc.collect()
         distributed.shutdown(d)
 
 
