@@ -173,8 +173,6 @@ def patch_llava(
             f"patch_llava expects a LlavaForConditionalGeneration of model_type 'llava', got {type(model).__name__} "
             f"({model_type!r}); fastnest.patch picks the patch for a model's type"
         )
-    if scales is None:
-        scales = stored_setting(model, "scales", DEFAULT_SCALES)
     return install(model, pooled_state(LLAVA, model, scales, attention, share_prefix, backend, sampling, seed))
 
 
@@ -190,7 +188,9 @@ def pooled_state(
 ) -> PatchState:
     """The patch state of a pooled-grid family (LLaVA, LLaVA-NeXT), its options checked: a ValueError or
     TypeError naming a bad scale set, kernel backend, attention backend or sampling; a warning for flex without
-    CUDA."""
+    CUDA. ``scales=None``: the ones ``fastnest convert`` stored in ``config.fastnest``, else the defaults."""
+    if scales is None:
+        scales = stored_setting(model, "scales", DEFAULT_SCALES)
     if isinstance(scales, (int, str, bytes)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"scales must be a sequence of ints such as {DEFAULT_SCALES}, got {scales!r}")
     if backend not in (None, "auto"):

@@ -20,11 +20,10 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from ..anyres import UNPAD_MODES, anyres_layout
-from ..constants import DEFAULT_SCALES, IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from ..ops.projector.function import register_projector
 from ..scales import MatryoshkaScales
 from .llava import LlavaAdapter, install, pooled_state
-from .settings import stored_setting
 
 register_projector(LlavaNextMultiModalProjector, lambda m: (m.linear_1, m.act, m.linear_2))
 
@@ -210,6 +209,4 @@ def patch_llava_next(
             f"{type(model).__name__} ({model_type!r}); fastnest.patch picks the patch for a model's type"
         )
     adapter = LLAVA_NEXT if unpad == "hf" else LLAVA_NEXT_RELEASED if unpad == "released" else LlavaNextAdapter(unpad)
-    if scales is None:
-        scales = stored_setting(model, "scales", DEFAULT_SCALES)
     return install(model, pooled_state(adapter, model, scales, attention, share_prefix, backend, sampling, seed))
