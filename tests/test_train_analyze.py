@@ -23,7 +23,7 @@ def _batch(processor, n=3):
     batch = Collator(processor, 16, max_length=200, system="A chat")([examples.example(i, bad) for i in range(n)], bad)
     text_only = Collator(processor, 16, max_length=200, system="A chat")
     # one text-only row (no image): its answer is shared by every scale
-    conv = [{"from": "human", "value": "how many shapes are there ?"}, {"from": "gpt", "value": "two"}]
+    conv = [{"from": "human", "value": "what colour is the dot ?"}, {"from": "gpt", "value": "blue"}]
     from fastnest.train.data_llava import Example
 
     extra = text_only([Example(conv, [], "text row")], bad)
@@ -162,3 +162,23 @@ def test_summary_oracle_and_report(tmp_path):
 
     with Image.open(paths["png"]) as im:
         assert im.size == (760, 480)
+
+
+def test_granularity_is_the_fewest_tokens_within_two_points_of_the_best(tmp_path):
+    from fastnest.train.analyze import granularity
+
+    assert granularity({"1": 0.5, "9": 0.98, "36": 0.99, "144": 1.0}) == 9  # 98 is within 2 points of 100
+    assert granularity({"1": 0.5, "9": 0.97, "36": 0.98, "144": 1.0}) == 36  # 97 is not
+    assert granularity({"1": 0.5, "9": 0.97, "36": 0.99, "144": 0.975}) == 9  # the best need not be the largest
+    assert granularity({"1": 0.5, "9": 0.979, "36": 1.0}) == 36  # 2.1 points below: not enough
+    assert granularity({"576": 0.3, "1": 0.3}) == 1 and granularity({}) is None
+    # 100 samples of one type: 1 token answers 40, 9 tokens 99, 36 and 144 all of them
+    correct = torch.zeros(100, 4, dtype=torch.bool)
+    correct[:40, 0], correct[:99, 1], correct[:, 2:] = True, True, True
+    s = summarize(Scores((1, 9, 36, 144), correct, ["t"] * 100, 1, 1.0), designed={"t": 9, "absent": 1})
+    assert s["types"]["t"]["granularity"] == 9 and s["types"]["t"]["designed_granularity"] == 9
+    assert list(s["types"]) == ["t"] and "designed_granularity" not in s["all"]
+    md = report.write(s, tmp_path)["md"].read_text()
+    assert "| granularity: measured (designed) | 9 (9) | 9 |" in md
+    plain = report.markdown(summarize(Scores((1, 9, 36, 144), correct, ["t"] * 100, 1, 1.0)))
+    assert "| granularity: measured | 9 | 9 |" in plain and "designed" not in plain

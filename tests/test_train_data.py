@@ -21,19 +21,19 @@ def test_v1_template_labels_only_the_answers():
     conv = [
         {"from": "human", "value": "<image>\nwhat colour is the background ?"},
         {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "how many shapes are there ?"},
-        {"from": "gpt", "value": "two"},
+        {"from": "human", "value": "what colour is the dot ?"},
+        {"from": "gpt", "value": "blue"},
     ]
     enc = encode_v1(conv, tok, image_token_id=tok.image_token_id, tokens_per_image=TPI, system="A chat")
     words = tok.convert_ids_to_tokens(enc.input_ids.tolist())
     text = [w for w in words if w != "<image>"]
     assert text == (
-        "<s> A chat USER: what colour is the background ? ASSISTANT: red </s> USER: how many shapes are there ? "
-        "ASSISTANT: two </s>".split()
+        "<s> A chat USER: what colour is the background ? ASSISTANT: red </s> USER: what colour is the dot ? "
+        "ASSISTANT: blue </s>".split()
     )
     assert words.count("<image>") == TPI and enc.num_images == 1
     labelled = [w for w, lab in zip(words, enc.labels.tolist()) if lab != IGNORE_INDEX]
-    assert labelled == ["red", "</s>", "two", "</s>"]
+    assert labelled == ["red", "</s>", "blue", "</s>"]
     assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(enc.labels.tolist(), enc.input_ids.tolist()))
 
 
@@ -143,38 +143,97 @@ def test_malformed_jsonl_line_is_a_bad_row(tmp_path):
         LlavaJsonExamples(data, tmp_path, BadSamples("fail"))
 
 
-def test_synthetic_set_is_deterministic_and_answers_match_the_pixels():
-    from fastnest.train.data_synthetic import BACKGROUNDS, DOT_COLOURS, NUMBERS, QUADRANTS, SHAPE_COLOURS, UNIT
+def _patch_names(image):
+    """The colour name of each 2-pixel patch, read back from the pixels (patches must be uniform)."""
+    from fastnest.train.data_synthetic import BACKGROUNDS, PALETTES, UNIT
 
-    palette = {tuple(v): k for k, v in (SHAPE_COLOURS | BACKGROUNDS | DOT_COLOURS).items()}
+    palette = {tuple(v): k for k, v in (BACKGROUNDS | {c: v for p in PALETTES.values() for c, v in p.items()}).items()}
+    px = image[::UNIT, ::UNIT]
+    assert np.array_equal(np.repeat(np.repeat(px, UNIT, 0), UNIT, 1), image)  # patches are uniform
+    return np.array([[palette[tuple(int(c) for c in p)] for p in r] for r in px])  # [24, 24]
+
+
+def _pooled_tokens(names, scale):
+    """Each token's colour histogram when the 24x24 patches are average-pooled to ``scale`` tokens, sorted: what
+    a bag-of-tokens reading of the pooled image can see."""
+    k = 24 // int(round(scale**0.5))
+    blocks = names.reshape(24 // k, k, 24 // k, k).transpose(0, 2, 1, 3).reshape(-1, k * k)
+    return sorted(tuple(zip(*np.unique(b, return_counts=True))) for b in blocks)
+
+
+def test_synthetic_set_is_deterministic_and_answers_match_the_pixels():
+    from fastnest.train.data_synthetic import PALETTES
+
     words = set(vocabulary())
-    for dot_size in (1, 2, 4, 8):
-        a, b = SyntheticVQA(40, seed=3, dot_sizes=(dot_size,)), SyntheticVQA(40, seed=3, dot_sizes=(dot_size,))
-        for i in range(40):
-            s = a[i]
-            assert np.array_equal(s.image, b[i].image) and s.questions == b[i].questions
-            qtype, question, answer = s.questions[0]
-            assert qtype == QUESTION_TYPES[i % 4] and set((question + " " + answer).split()) <= words
-            px = s.image[::UNIT, ::UNIT]  # one pixel per unit, read back from the image
-            assert np.array_equal(np.repeat(np.repeat(px, UNIT, 0), UNIT, 1), s.image)  # units are uniform
-            names = np.array([[palette[tuple(int(c) for c in p)] for p in r] for r in px])  # [24, 24]
-            dots = np.argwhere(np.isin(names, list(DOT_COLOURS)))  # one dot: a dot_size-square of one colour
-            assert len(dots) == dot_size**2 and np.ptp(dots, 0).tolist() == [dot_size - 1] * 2
-            if qtype == "global":
-                values, counts = np.unique(names, return_counts=True)
-                assert answer == values[counts.argmax()]  # the background covers most of the board
-            elif qtype == "fine":
-                assert answer == names[tuple(dots[0])]
-            elif qtype == "regional":
-                rows, cols = np.nonzero(names == "red")
-                assert answer == QUADRANTS[(int(rows.mean() >= 12), int(cols.mean() >= 12))]
-            elif qtype == "counting":  # shapes fill slots (aligned 4x4-unit blocks) in one shape colour
-                slots = names.reshape(6, 4, 6, 4).transpose(0, 2, 1, 3).reshape(36, 16)
-                shapes = [s[0] for s in slots if s[0] in SHAPE_COLOURS and (s == s[0]).all()]
-                assert answer == NUMBERS[len(shapes) - 1]
+    a, b = SyntheticVQA(40, seed=3), SyntheticVQA(40, seed=3)
+    sides = {"regional": 8, "local": 4, "fine": 2}  # the object: an aligned square of one colour of its pair
+    for i in range(40):
+        s = a[i]
+        assert np.array_equal(s.image, b[i].image) and s.questions == b[i].questions
+        qtype, question, answer = s.questions[0]
+        assert qtype == QUESTION_TYPES[i % 4] and set((question + " " + answer).split()) <= words
+        names = _patch_names(s.image)
+        if qtype == "global":
+            values, counts = np.unique(names, return_counts=True)
+            assert answer == values[counts.argmax()]  # the background covers most of the image
+            continue
+        side = sides[qtype]
+        blocks = names.reshape(24 // side, side, 24 // side, side).transpose(0, 2, 1, 3).reshape(-1, side * side)
+        filled = {str(blk[0]) for blk in blocks if blk[0] in PALETTES[qtype] and (blk == blk[0]).all()}
+        assert filled == {answer}  # exactly one colour of the pair fills an aligned square of the object's side
     multi = SyntheticVQA(10, seed=0, turns=4)[0]
     assert sorted(t for t, _, _ in multi.questions) == sorted(QUESTION_TYPES)
     with pytest.raises(ValueError, match=r"turns must be in 1\.\.4 \(one question per type\), got 5"):
         SyntheticVQA(10, turns=5)
-    with pytest.raises(ValueError, match=r"dot_sizes must be sides in units \(2 pixels\) from 1 to 8, got \(9,\)"):
-        SyntheticVQA(10, dot_sizes=(9,))
+
+
+def test_synthetic_objects_differ_from_their_decoys_only_at_the_designed_scale():
+    """Swapping an object's colour with its decoy's only permutes the pooled tokens at every scale but the
+    object's designed one (no bag-of-tokens reading can tell them apart there); at the designed scale it does not."""
+    from fastnest.train.data_synthetic import DESIGNED_SCALES, PALETTES
+
+    data = SyntheticVQA(120, seed=11, turns=4)
+    for i in range(len(data)):
+        s = data[i]
+        names = _patch_names(s.image)
+        for qtype, _, answer in s.questions:
+            if qtype == "global":
+                continue
+            (decoy,) = set(PALETTES[qtype]) - {answer}
+            swapped = np.where(names == answer, decoy, np.where(names == decoy, answer, names))
+            assert (names == answer).sum() == (names == decoy).sum() > 0
+            for scale in (1, 9, 36, 144, 576):
+                same = _pooled_tokens(names, scale) == _pooled_tokens(swapped, scale)
+                assert same == (scale != DESIGNED_SCALES[qtype]), (i, qtype, scale)
+
+
+def test_synthetic_curriculum_adds_decoys_over_the_stream():
+    """Training (``curriculum=True``): early images hold almost no decoy and a 2-6 patch dot, late ones nearly
+    every decoy; evaluation images hold them all."""
+    from fastnest.train.data_synthetic import PALETTES
+
+    def decoys(data, i):
+        s, held = data[i], 0
+        names = _patch_names(s.image)
+        for qtype, _, answer in s.questions:
+            if qtype != "global":
+                held += int((names == (set(PALETTES[qtype]) - {answer}).pop()).any())
+        return held
+
+    n = 400
+    train = SyntheticVQA(n, seed=2, turns=4, curriculum=True)
+    early = sum(decoys(train, i) for i in range(40)) / (40 * 3)
+    late = sum(decoys(train, i) for i in range(n - 40, n)) / (40 * 3)
+    assert early < 0.15 and late > 0.85
+    evaluation = SyntheticVQA(40, seed=2, turns=4)
+    assert all(decoys(evaluation, i) == 3 for i in range(40))
+    dot_sides = set()
+    for i in range(40):  # lone dots: one square of the dot's pair, 2, 4 or 6 patches wide
+        s = train[i]
+        names = _patch_names(s.image)
+        cells = np.argwhere(np.isin(names, list(PALETTES["fine"])))
+        if len({str(names[tuple(p)]) for p in cells}) == 1:
+            side = int(np.ptp(cells[:, 0])) + 1
+            assert len(cells) == side * side
+            dot_sides.add(side)
+    assert dot_sides == {2, 4, 6}

@@ -183,7 +183,7 @@ def test_dummy_image_row_changes_neither_loss_nor_gradients():
 
     processor = tiny_processor()
     model = fastnest.patch_llava(tiny_model(processor, seed=4), scales=TINY_SCALES).train()
-    conv = [{"from": "human", "value": "how many shapes are there ?"}, {"from": "gpt", "value": "two"}]
+    conv = [{"from": "human", "value": "what colour is the dot ?"}, {"from": "gpt", "value": "blue"}]
     from fastnest.train.data_llava import BadSamples
 
     batch = Collator(processor, 16, 100, "A chat")(

@@ -13,7 +13,6 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 import fastnest
 from fastnest.train.cli import main
 from fastnest.train.data_llava import SyntheticExamples
-from fastnest.train.data_synthetic import TRAIN_DOT_SIZES
 from fastnest.train.model import default_next_model_and_processor
 from fastnest.train.run_analysis import SYNTHETIC_EVAL_SEED
 from fastnest.train.template import SYSTEM_V1
@@ -23,7 +22,7 @@ from tools.next_reference import released_next_loss, scaled_rows
 
 SCALES = (1, 9, 144)
 BATCH = 2
-TYPES = ("global", "regional", "fine", "counting")
+TYPES = ("global", "regional", "local", "fine")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_built_in_next_step_one_loss_is_the_released_objective(run_dir):
     on that step's rows (the synthetic set's first rows), from the initial weights."""
     model, processor = default_next_model_and_processor(seed=0)
     assert model.config.model_type == "llava_next"
-    data = SyntheticExamples(BATCH, seed=0, turns=1, dot_sizes=TRAIN_DOT_SIZES).data
+    data = SyntheticExamples(BATCH, seed=0, turns=1).data
     batch = processor_batch(processor, [data[i] for i in range(BATCH)])
     assert batch["pixel_values"].shape[:2] == (BATCH, 3)  # a square image: the base crop and a 1x2 grid
     with torch.no_grad():
@@ -125,7 +124,7 @@ def test_dummy_row_keeps_image_sizes_and_changes_nothing():
     model, processor = default_next_model_and_processor(seed=5)
     model = fastnest.patch(model, scales=SCALES).train()
     tok = processor.tokenizer
-    ids = torch.tensor([tok("USER: how many shapes are there ? ASSISTANT: two </s>")["input_ids"]] * 2)
+    ids = torch.tensor([tok("USER: what colour is the dot ? ASSISTANT: blue </s>")["input_ids"]] * 2)
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}

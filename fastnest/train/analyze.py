@@ -15,6 +15,11 @@ scale answers counts at the SMALLEST scale by default, as the M3 authors count i
 oracle spends the least on it: their answer in the released repository's issue #2), which makes the mean
 comparable with the paper's; ``unanswered="largest"`` counts it at the largest scale instead (what a model
 without the oracle would spend on it).
+
+Granularity of a question type: the fewest tokens whose accuracy is within ``GRANULARITY_TOLERANCE`` of the type's
+best accuracy over the evaluated scales (the M3 paper's use of the model as a measure of what a data set needs).
+The built-in data set knows each type's designed granularity (``data_synthetic.DESIGNED_SCALES``); the report
+prints both.
 """
 
 from __future__ import annotations
@@ -108,6 +113,15 @@ def evaluate(
 
 
 ORACLE_UNANSWERED = ("smallest", "largest")  # where the oracle counts a sample no scale answers
+GRANULARITY_TOLERANCE = 0.02  # accuracy (2 points) a scale may lose against the best and still count as enough
+
+
+def granularity(accuracy: dict[str, float]) -> int | None:
+    """The fewest tokens whose accuracy is within ``GRANULARITY_TOLERANCE`` of the best (None: no scales)."""
+    if not accuracy:
+        return None
+    best = max(accuracy.values())
+    return min(int(s) for s, a in accuracy.items() if a >= best - GRANULARITY_TOLERANCE - 1e-12)
 
 
 def _group(correct: torch.Tensor, scales: tuple[int, ...], unanswered: str) -> dict:
@@ -118,17 +132,22 @@ def _group(correct: torch.Tensor, scales: tuple[int, ...], unanswered: str) -> d
     tokens = []
     for row in correct.tolist():
         tokens.append(next((scales[i] for i in order if row[i]), fallback))
+    accuracy = {str(s): int(correct[:, i].sum()) / n if n else 0.0 for i, s in enumerate(scales)}
     return {
         "n": n,
-        "accuracy": {str(s): int(correct[:, i].sum()) / n if n else 0.0 for i, s in enumerate(scales)},
+        "accuracy": accuracy,
+        "granularity": granularity(accuracy),
         "oracle_accuracy": int(answered.sum()) / n if n else 0.0,
         "oracle_mean_tokens": sum(tokens) / n if n else 0.0,
     }
 
 
-def summarize(scores: Scores, type_order: Iterable[str] = (), unanswered: str = "smallest") -> dict:
-    """Accuracy per scale per question type, an ``all`` row, and the oracle (see the module docstring;
-    ``unanswered``: the scale, ``"smallest"`` or ``"largest"``, at which it counts a sample no scale answers)."""
+def summarize(
+    scores: Scores, type_order: Iterable[str] = (), unanswered: str = "smallest", designed: dict | None = None
+) -> dict:
+    """Accuracy per scale per question type, an ``all`` row, each type's granularity and the oracle (see the
+    module docstring; ``unanswered``: the scale, ``"smallest"`` or ``"largest"``, at which it counts a sample no
+    scale answers; ``designed``: question type -> its designed granularity, reported beside the measured one)."""
     if unanswered not in ORACLE_UNANSWERED:
         raise ValueError(f"unanswered must be one of {ORACLE_UNANSWERED}, got {unanswered!r}")
     seen = list(dict.fromkeys([*[t for t in type_order if t in scores.question_types], *scores.question_types]))
@@ -136,6 +155,8 @@ def summarize(scores: Scores, type_order: Iterable[str] = (), unanswered: str = 
     for t in seen:
         mask = torch.tensor([q == t for q in scores.question_types], dtype=torch.bool)
         groups[t] = _group(scores.correct[mask], scores.scales, unanswered)
+        if designed and t in designed:
+            groups[t]["designed_granularity"] = designed[t]
     overall = _group(scores.correct, scores.scales, unanswered)
     best = max(scores.scales, key=lambda s: overall["accuracy"][str(s)]) if scores.scales else None
     return {
@@ -170,6 +191,7 @@ def analyze_model(
     scales: tuple[int, ...] | None = None,
     progress=None,
     unanswered: str = "smallest",
+    designed: dict | None = None,
 ) -> dict:
     """Load a run's model (patched with the given scales, else its saved ones, else the defaults; an MQT-LLaVA
     with the given token counts, else the log-spaced ones up to M) and summarise it on ``examples``."""
@@ -190,4 +212,4 @@ def analyze_model(
         progress=progress,
         spec=spec,
     )
-    return summarize(scores, type_order, unanswered)
+    return summarize(scores, type_order, unanswered, designed)

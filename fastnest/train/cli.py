@@ -225,7 +225,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from . import report
     from .analyze import analyze_model
     from .data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
-    from .data_synthetic import QUESTION_TYPES
+    from .data_synthetic import DESIGNED_SCALES, QUESTION_TYPES
     from .run_analysis import SYNTHETIC_EVAL_SEED
     from .storage import check_output_dir
 
@@ -252,6 +252,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         device=device,
         scales=args.scales,
         unanswered=args.oracle_unanswered,
+        designed=None if args.data else DESIGNED_SCALES,
     )
     if summary["num_samples"] == 0:
         raise ValueError(f"--data {args.data}: no row could be scored ({bad.summary()})")

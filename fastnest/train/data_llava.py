@@ -82,8 +82,8 @@ class Example:
 class SyntheticExamples:
     """The built-in dataset as ``Example`` rows."""
 
-    def __init__(self, size: int, seed: int, turns: int = 1, dot_sizes: tuple[int, ...] = (1,)) -> None:
-        self.data = SyntheticVQA(size, seed=seed, turns=turns, dot_sizes=dot_sizes)
+    def __init__(self, size: int, seed: int, turns: int = 1, curriculum: bool = False) -> None:
+        self.data = SyntheticVQA(size, seed=seed, turns=turns, curriculum=curriculum)
 
     def __len__(self) -> int:
         return len(self.data)

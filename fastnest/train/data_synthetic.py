@@ -1,22 +1,39 @@
-"""A built-in, deterministic visual-question dataset of graded granularity (no downloads).
+"""A built-in, deterministic visual-question dataset whose granularity is known by construction (no downloads).
 
-Each image is a 12x12 board of 4-pixel cells (48x48 pixels: a 24x24 grid of 2-pixel patches, so the default
-scales 1/9/36/144/576 apply). A background colour fills the board; 1-3 "shapes" (2x2-cell squares, distinct
-colours) sit on a 6x6 grid of slots; one "dot", a square of 2-pixel units in a palette of its own, sits on the
-background; single cells of the shape colours ("clutter") are scattered over the rest. Questions of four kinds:
+Each image is 48x48 pixels: a 24x24 grid of 2-pixel patches, so the default scales 1/9/36/144/576 pool it to
+tokens of 24, 8, 4, 2 and 1 patches a side. A background colour fills it, and three objects sit on it, each sized
+to be exactly ONE token at its own scale and aligned to that scale's token grid:
 
-- ``global``: the background colour (most of the image: a single pooled token suffices);
-- ``regional``: the quadrant holding the red shape (needs coarse spatial layout);
-- ``fine``: the colour of the dot, in evaluation one 2x2-pixel unit, i.e. one patch and 1/576 of the image: a
-  token pooled over k x k patches holds it diluted k^2-fold among its neighbours (4-fold at 144 tokens,
-  64-fold at 9, 576-fold at 1);
-- ``counting``: the number of shapes.
+- ``global``: "what colour is the background ?" (71% of the image: one pooled token holds it);
+- ``regional``: the colour of the *block*, 8x8 patches = one token at 9 (a ninth of the image);
+- ``local``: the colour of the *tile*, 4x4 patches = one token at 36;
+- ``fine``: the colour of the *dot*, 2x2 patches = one token at 144.
 
-Training dots are 2, 4 or 6 units square (``TRAIN_DOT_SIZES``). With dots of one cell at most, the tiny model
-trained from scratch never started to look the dot up (every scale's loss stayed equal): under its initial
-near-uniform attention a dot moves the answer in proportion to its area, the same tiny amount at every scale.
-Larger dots start the content lookup, which then reads a one-unit dot wherever a token still holds it
-undiluted enough.
+Each object's colour is one of a pair (its palette, used by nothing else), and the other colour of the pair is
+its *decoy*: the same number of pixels, cut into four pieces of the next finer scale's token, each piece alone in
+a token of the object's scale, all four inside one token of the next coarser scale. So, per object:
+
+- at its own scale, the object is the one token filled with its palette; each decoy token is a quarter full;
+- at every coarser scale, the object and its decoy put the same mass of colour into equally many, equally full
+  tokens (the block and its decoy at 1 token: 64 patches each in the one token);
+- at every finer scale, the object and its decoy are equally many full tokens.
+
+Each object's and its decoy's cells hold nothing else, so swapping the pair's two colours only permutes the pooled
+tokens at every scale but the object's own: there, no reading of the tokens one by one (and pooling leaves nothing
+else at the coarser scales) tells the object from its decoy, and the pair's two colours are equally likely answers
+(50%); at its own scale the answer is the pair's fullest token. At the finer scales the tokens' arrangement still
+tells them apart (the object's tokens are adjacent, the decoy's are not): the trained tiny model learns that for
+the block, which does not move the block's granularity (the fewest tokens that answer). The analysis of a trained
+model finds each type's granularity where it was put: 1, 9, 36 and 144 tokens (``DESIGNED_SCALES``).
+
+Training follows a curriculum (``curriculum=True``): the chance that an image holds each decoy rises linearly
+over the run, from none at the first sample to all at the last, and a dot drawn without its decoy is 2, 4 or 6
+patches wide, anywhere in its cell. With every decoy from the start, the tiny model trained from scratch learned
+only the block in 2000 steps: while its attention is near uniform, an object and its decoy pull the answer
+equally hard towards their two colours, so nothing starts the lookup. Without the decoy, the pair's one colour
+present is the answer at every scale, which teaches the model where each palette is and what to answer; the
+decoys then teach it to prefer the fullest token. (With a 2-patch dot alone, nothing started the dot's lookup
+either: the larger lone dots do.) Evaluation images always hold every decoy, at the designed sizes.
 
 Sample ``i`` of a split depends only on ``(seed, i)``, so any position in the stream can be regenerated.
 """
@@ -27,35 +44,36 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BOARD = 12  # cells per side
-CELL = 4  # pixels per cell side
-UNIT = 2  # pixels per unit side: the dot's size step, one vision patch
-IMAGE_SIZE = BOARD * CELL
-# Shapes and dots take the six saturated corners of the RGB cube. A uniform patch reaches the tiny tower as a
-# layer-normalised linear image of its RGB (a direction, not a brightness), where these corners lie far apart;
-# with mid-tones (orange, pink, lime, navy, ...) the trained features of neighbouring colours stayed nearly
-# parallel and the model could not tell the dot's colour even when it attended to it.
-SHAPE_COLOURS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
-DOT_COLOURS = {"yellow": (240, 240, 0), "cyan": (0, 230, 230), "magenta": (230, 0, 230)}
+GRID = 24  # patches per side
+UNIT = 2  # pixels per patch side
+IMAGE_SIZE = GRID * UNIT
+# Objects take the six saturated corners of the RGB cube, one complementary pair per object. A uniform patch
+# reaches the tiny tower as a layer-normalised linear image of its RGB (a direction, not a brightness), where these
+# corners lie far apart; with mid-tones the trained features of neighbouring colours stayed nearly parallel.
+PALETTES = {
+    "regional": {"red": (230, 20, 20), "cyan": (0, 230, 230)},
+    "local": {"green": (20, 200, 20), "magenta": (230, 0, 230)},
+    "fine": {"blue": (20, 20, 230), "yellow": (240, 240, 0)},
+}
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128), "brown": (110, 65, 25)}
-QUESTION_TYPES = ("global", "regional", "fine", "counting")
-TRAIN_DOT_SIZES = (2, 4, 6)  # dot sides in units (2 pixels) during training; evaluation uses 1
-NUMBERS = ("one", "two", "three")  # shapes have distinct colours
-QUADRANTS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+QUESTION_TYPES = ("global", "regional", "local", "fine")
+# The object of each type is one token at this scale, and only there (see the module docstring).
+DESIGNED_SCALES = {"global": 1, "regional": 9, "local": 36, "fine": 144}
+OBJECT_SIDE = {"regional": 8, "local": 4, "fine": 2}  # patches: one token at the designed scale
+LONE_DOT_SIDES = (2, 4, 6)  # patches: a training dot drawn without its decoy (the curriculum)
 
 QUESTIONS = {
     "global": "what colour is the background ?",
-    "regional": "where is the red shape ?",
+    "regional": "what colour is the block ?",
+    "local": "what colour is the tile ?",
     "fine": "what colour is the dot ?",
-    "counting": "how many shapes are there ?",
 }
 
 
 def vocabulary() -> list[str]:
     """Every word a question or an answer can hold (the tokenizer adds the template's words)."""
     words = {w for q in QUESTIONS.values() for w in q.split()}
-    words |= set(SHAPE_COLOURS) | set(BACKGROUNDS) | set(DOT_COLOURS) | set(NUMBERS)
-    words |= {w for q in QUADRANTS.values() for w in q.split()}
+    words |= set(BACKGROUNDS) | {c for palette in PALETTES.values() for c in palette}
     return sorted(words)
 
 
@@ -83,24 +101,16 @@ class SyntheticVQA:
 
     ``turns=1``: one question per image, of type ``QUESTION_TYPES[i % 4]`` (evaluation). ``turns>1``: that
     many questions of distinct types in a random order (training: every image is paid for once in the vision
-    tower and at every scale, so asking it several questions is cheap supervision).
+    tower and at every scale, so asking it several questions is cheap supervision). ``curriculum``: sample ``i``
+    holds each decoy with probability ``i / size`` (training, read in order; see the module docstring).
     """
 
-    def __init__(
-        self,
-        size: int,
-        seed: int = 0,
-        turns: int = 1,
-        clutter: tuple[int, int] = (10, 20),
-        dot_sizes: tuple[int, ...] = (1,),
-    ) -> None:
+    def __init__(self, size: int, seed: int = 0, turns: int = 1, curriculum: bool = False) -> None:
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         if not 1 <= turns <= len(QUESTION_TYPES):
             raise ValueError(f"turns must be in 1..{len(QUESTION_TYPES)} (one question per type), got {turns}")
-        if not dot_sizes or not all(1 <= d <= 8 for d in dot_sizes):
-            raise ValueError(f"dot_sizes must be sides in units (2 pixels) from 1 to 8, got {dot_sizes}")
-        self.size, self.seed, self.turns, self.clutter, self.dot_sizes = size, seed, turns, clutter, tuple(dot_sizes)
+        self.size, self.seed, self.turns, self.curriculum = size, seed, turns, curriculum
 
     def __len__(self) -> int:
         return self.size
@@ -109,59 +119,82 @@ class SyntheticVQA:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
         rng = np.random.default_rng([self.seed, index])
-        scene = Scene.draw(rng, self.clutter, int(rng.choice(self.dot_sizes)))
+        # The curriculum: the chance of each decoy rises linearly over the stream, from none to all.
+        scene = Scene.draw(rng, index / self.size if self.curriculum else 1.0)
         if self.turns == 1:
             types = [QUESTION_TYPES[index % len(QUESTION_TYPES)]]
         else:
             types = [QUESTION_TYPES[i] for i in rng.permutation(len(QUESTION_TYPES))[: self.turns]]
-        return SyntheticSample(scene.render(), tuple((t, *scene.ask(t)) for t in types))
+        return SyntheticSample(scene.render(), tuple((t, QUESTIONS[t], scene.answers[t]) for t in types))
+
+
+def _pieces(rng: np.random.Generator, corner: tuple[int, int], side: int) -> list[tuple[int, int]]:
+    """The decoy of an object of ``side`` patches: four squares of ``side // 2``, one at a random place in each
+    ``side``-square quarter of the ``2 * side`` square at ``corner`` (one per token of the object's scale, all
+    inside one token of the next coarser scale)."""
+    half = side // 2
+    return [
+        (corner[0] + qr * side + half * int(rng.integers(2)), corner[1] + qc * side + half * int(rng.integers(2)))
+        for qr in range(2)
+        for qc in range(2)
+    ]
 
 
 @dataclass(frozen=True)
 class Scene:
-    units: np.ndarray  # [2 * BOARD, 2 * BOARD] colour name per patch-sized unit (a cell is 2x2 units)
-    background: str
-    n_shapes: int
-    red_slot: tuple[int, int]  # (row, col) on the (BOARD/2)^2 slot grid
-    dot: str  # the dot's colour
+    patches: np.ndarray  # [GRID, GRID] colour name per patch
+    answers: dict  # question type -> answer
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, clutter: tuple[int, int], dot_size: int = 1) -> Scene:
-        """Background, 1-3 shapes of distinct colours (exactly one red), the dot (``dot_size`` units square) on
-        background, then single-cell clutter (never red) on whole background cells."""
+    def draw(cls, rng: np.random.Generator, decoy_rate: float = 1.0) -> Scene:
+        """The background, then each object in one colour of its pair and, with probability ``decoy_rate``, its
+        decoy in the other, where ``_layout`` puts them (a dot without its decoy: ``LONE_DOT_SIDES``)."""
         background = str(rng.choice(list(BACKGROUNDS)))
-        cells = np.full((BOARD, BOARD), background, dtype=object)
-        n_shapes = int(rng.integers(1, len(SHAPE_COLOURS) + 1))
-        others = [c for c in SHAPE_COLOURS if c != "red"]
-        colours = ["red", *(str(c) for c in rng.choice(others, size=n_shapes - 1, replace=False))]
-        slots = [divmod(int(s), BOARD // 2) for s in rng.choice((BOARD // 2) ** 2, size=n_shapes, replace=False)]
-        for (r, c), colour in zip(slots, colours):
-            cells[2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = colour
-        units = np.repeat(np.repeat(cells, 2, axis=0), 2, axis=1)
-        empty = np.lib.stride_tricks.sliding_window_view(units == background, (dot_size, dot_size)).all((2, 3))
-        r, c = divmod(int(rng.choice(np.flatnonzero(empty))), empty.shape[1])  # 3 shapes leave room for 8x8
-        dot = str(rng.choice(list(DOT_COLOURS)))
-        units[r : r + dot_size, c : c + dot_size] = dot
-        free = np.flatnonzero((units == background).reshape(BOARD, 2, BOARD, 2).all((1, 3)))  # whole cells
-        for flat in rng.choice(free, size=min(int(rng.integers(clutter[0], clutter[1] + 1)), free.size), replace=False):
-            r, c = divmod(int(flat), BOARD)
-            units[2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = str(rng.choice(others))
-        return cls(units, background, n_shapes, slots[0], dot)
-
-    def ask(self, question_type: str) -> tuple[str, str]:
-        """(question, answer) of the given type about this scene."""
-        if question_type == "global":
-            return QUESTIONS["global"], self.background
-        if question_type == "regional":
-            half = BOARD // 4  # slots per half board
-            return QUESTIONS["regional"], QUADRANTS[(int(self.red_slot[0] >= half), int(self.red_slot[1] >= half))]
-        if question_type == "counting":
-            return QUESTIONS["counting"], NUMBERS[self.n_shapes - 1]
-        if question_type == "fine":
-            return QUESTIONS["fine"], self.dot
-        raise ValueError(f"question_type {question_type!r} is not one of {QUESTION_TYPES}")
+        patches = np.full((GRID, GRID), background, dtype=object)
+        answers = {"global": background}
+        for qtype, (obj, decoy) in _layout(rng).items():
+            colour, other = (str(c) for c in rng.permutation(list(PALETTES[qtype])))
+            side = OBJECT_SIDE[qtype]
+            r, c = obj
+            with_decoy = rng.random() < decoy_rate
+            if qtype == "fine" and not with_decoy:  # a larger dot anywhere in its 8-patch cell starts the lookup
+                side = int(rng.choice(LONE_DOT_SIDES))
+                r, c = 8 * (r // 8) + int(rng.integers(0, 9 - side)), 8 * (c // 8) + int(rng.integers(0, 9 - side))
+            patches[r : r + side, c : c + side] = colour
+            for r, c in decoy if with_decoy else ():
+                patches[r : r + side // 2, c : c + side // 2] = other
+            answers[qtype] = colour
+        return cls(patches, answers)
 
     def render(self) -> np.ndarray:
-        palette = SHAPE_COLOURS | BACKGROUNDS | DOT_COLOURS
-        rgb = np.array([[palette[c] for c in row] for row in self.units], dtype=np.uint8)
+        palette = BACKGROUNDS | {c: rgb for p in PALETTES.values() for c, rgb in p.items()}
+        rgb = np.array([[palette[c] for c in row] for row in self.patches], dtype=np.uint8)
         return np.repeat(np.repeat(rgb, UNIT, axis=0), UNIT, axis=1)
+
+
+def _layout(rng: np.random.Generator) -> dict[str, tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """Per object type: the object's top-left patch and its decoy pieces' top-left patches.
+
+    The 3x3 grid of 8-patch cells (the tokens at 9): the block fills one; its decoy pieces (4 patches) sit one in
+    each of four others; the tile's decoy fills a fifth (a 2-patch piece in each of its four 4-patch quarters) and
+    the tile a 4-patch quarter of a sixth. The dot and its decoy take two 4-patch quarters (tokens at 36) of a
+    seventh: the dot a 2-patch quarter of one, its decoy a patch in each quarter of the other.
+    """
+    cells = [divmod(int(i), 3) for i in rng.permutation(9)]
+    at = lambda cell: (8 * cell[0], 8 * cell[1])  # noqa: E731
+    block, decoy_cells, tile_decoy, tile_cell = cells[0], cells[1:5], cells[5], cells[6]
+    quarter = lambda corner, side: (  # noqa: E731
+        corner[0] + side * int(rng.integers(2)),
+        corner[1] + side * int(rng.integers(2)),
+    )
+    block_decoy = [quarter(at(cell), 4) for cell in decoy_cells]
+    tile = quarter(at(tile_cell), 4)
+    # The dot and its decoy share an 8-patch cell of their own, so that at 9 tokens they are one token and at 1
+    # they sit beside the same things.
+    quarters = [(8 * cells[7][0] + 4 * (q // 2), 8 * cells[7][1] + 4 * (q % 2)) for q in rng.permutation(4)[:2]]
+    dot_cell, dot_decoy_cell = quarters
+    return {
+        "regional": (at(block), block_decoy),
+        "local": (tile, _pieces(rng, at(tile_decoy), 4)),
+        "fine": (quarter(dot_cell, 2), _pieces(rng, dot_decoy_cell, 2)),
+    }

@@ -22,14 +22,29 @@ def markdown(summary: dict, title: str = "Granularity analysis") -> str:
         + " | ".join(f"{100 * group(c)['oracle_accuracy']:.1f} ({group(c)['oracle_mean_tokens']:.1f})" for c in cols)
         + " |"
     )
+    designed = any("designed_granularity" in group(c) for c in cols)
+    lines.append(
+        "| granularity: measured"
+        + (" (designed)" if designed else "")
+        + " | "
+        + " | ".join(_granularity(group(c)) for c in cols)
+        + " |"
+    )
     lines += [
         "",
         f"Accuracy in %, {summary['num_samples']} samples. Scoring: {summary['scoring']}.",
         f"Oracle: {summary['oracle_definition']}.",
+        "Granularity: the fewest visual tokens within 2 points of the type's best accuracy"
+        + (" (designed: the scale the built-in data set built the type for)." if designed else "."),
         f"Evaluated with {summary['prefill_passes']} packed multi-scale prefill pass(es) in {summary['seconds']:.1f} s.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _granularity(group: dict) -> str:
+    measured = "-" if group.get("granularity") is None else str(group["granularity"])
+    return measured + (f" ({group['designed_granularity']})" if "designed_granularity" in group else "")
 
 
 def write(summary: dict, out_dir: str | Path, stem: str = "report", title: str = "Granularity analysis") -> dict:

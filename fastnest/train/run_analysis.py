@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .data_llava import BadSamples, LlavaJsonExamples, SyntheticExamples
-from .data_synthetic import QUESTION_TYPES
+from .data_synthetic import DESIGNED_SCALES, QUESTION_TYPES
 
 SYNTHETIC_EVAL_SEED = 1_000_003  # the evaluation split's images never appear in training (seed 0 + index)
 
@@ -38,6 +38,7 @@ def analyze_run(run, final: Path, examples) -> dict:
         bad=BadSamples(run.cfg.on_bad_sample),
         type_order=QUESTION_TYPES,
         device=run.d.device,
+        designed=DESIGNED_SCALES if isinstance(examples, SyntheticExamples) else None,
     )
     title = f"Granularity analysis of {run.run_dir}"
     paths = report.write(result, run.run_dir, title=title)

@@ -27,7 +27,6 @@ from ..version import __version__
 from . import checkpoint, distributed, metrics, optim, resume, scaling
 from .config import DEFAULT_STEPS, TrainConfig
 from .data_llava import BAD_KINDS, BadSamples, Collator, LlavaJsonExamples, Order, SyntheticExamples
-from .data_synthetic import TRAIN_DOT_SIZES
 from .guards import NonFiniteError, NonFiniteGuard, nonfinite_parameters
 from .model import (
     ARCH_OF,
@@ -72,9 +71,7 @@ def _settings(cfg: TrainConfig, spec: TokenCounts) -> dict:
 
 def _examples(cfg: TrainConfig, total_positions: int, bad: BadSamples):
     if cfg.data is None:
-        examples = SyntheticExamples(
-            max(1, total_positions), seed=cfg.seed, turns=cfg.synthetic_turns, dot_sizes=TRAIN_DOT_SIZES
-        )
+        examples = SyntheticExamples(max(1, total_positions), seed=cfg.seed, turns=cfg.synthetic_turns, curriculum=True)
         return examples, False
     return LlavaJsonExamples(cfg.data, cfg.image_folder, bad), True
 
