@@ -16,6 +16,7 @@ from .mqt import MQT_LLAVA, MQTLlavaAdapter, patch_mqt_llava
 from .mqt_model import MQTLlavaConfig, MQTLlavaForConditionalGeneration, MQTLlavaModel
 from .output import MatryoshkaCausalLMOutput
 from .processor import processor_at_scale, processor_for_queries
+from .route import load_router, route_scales
 from .state import PatchState, is_patched, patch_state
 
 PATCHES: dict[str, Callable[..., torch.nn.Module]] = {
@@ -49,6 +50,7 @@ __all__ = [
     "PatchState",
     "convert_original",
     "is_patched",
+    "load_router",
     "patch",
     "patch_llava",
     "patch_llava_next",
@@ -56,6 +58,7 @@ __all__ = [
     "patch_state",
     "processor_at_scale",
     "processor_for_queries",
+    "route_scales",
     "scaled_inputs",
     "set_scale",
     "unpatch",

@@ -17,6 +17,7 @@ from ..step import StepOutput, packed_step, step_loss
 from . import attention as hf_attention
 from . import inference
 from .output import MatryoshkaCausalLMOutput
+from .route import auto
 from .state import PatchState, patch_state
 
 VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
@@ -112,7 +113,9 @@ def _check_training_inputs(model, scale, kwargs: dict) -> None:
         raise ValueError(f"scale={scale} is for inference; training runs the token counts the model was patched with")
 
 
-def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, scale=None, **kwargs):
+def patched_forward(
+    self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, scale=None, budget=None, **kwargs
+):
     own = type(self).forward
     if inference.active(self):  # inside fastnest's own call: the inputs are at scale already
         return own(
@@ -121,6 +124,8 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
     vision_options = _pop_vision_options(kwargs)
     if self.training and labels is not None:
         _check_training_inputs(self, scale, kwargs)
+        if budget is not None:
+            raise ValueError(f"budget={budget!r} is for scale='auto' at inference; training runs every scale")
         return training_step(
             self,
             input_ids,
@@ -134,10 +139,11 @@ def patched_forward(self, input_ids=None, pixel_values=None, attention_mask=None
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     batch["inputs_embeds"] = kwargs.pop("inputs_embeds", None)
     state = patch_state(self)
+    image_sizes = options.get("image_sizes")
+    scale = auto.resolve(self, scale, budget, input_ids, attention_mask, pixel_values, labels, image_sizes)
     if pixel_values is None:  # text only, or a decode step with a cache: nothing to pool
         inference.image_scales(state, scale, 0)
         return own(self, **batch, **options, **kwargs)
-    image_sizes = options.get("image_sizes")
     scales = inference.image_scales(state, scale, state.adapter.num_images(pixel_values, image_sizes))
     left = inference.left_padded(attention_mask)
     cut = inference.cut_of(self, scales, pixel_values, batch, left, image_sizes)
@@ -162,16 +168,17 @@ def _follow_shortening(kwargs: dict, shrunk: dict) -> None:
         kwargs["cache_position"] = torch.arange(width, device=cache_position.device) + cache_position[0]
 
 
-def patched_generate(self, inputs=None, *args, scale=None, **kwargs):
+def patched_generate(self, inputs=None, *args, scale=None, budget=None, **kwargs):
     own = type(self).generate
     if inference.active(self):
         return own(self, inputs, *args, **kwargs)
-    pixel_values = kwargs.get("pixel_values")
+    pixel_values, image_sizes = kwargs.get("pixel_values"), kwargs.get("image_sizes")
     input_ids = kwargs.pop("input_ids", inputs)
+    scale = auto.resolve(self, scale, budget, input_ids, kwargs.get("attention_mask"), pixel_values, None, image_sizes)
     if pixel_values is None:
         inference.image_scales(patch_state(self), scale, 0)
         return own(self, input_ids, *args, **kwargs)
-    state, image_sizes = patch_state(self), kwargs.get("image_sizes")
+    state = patch_state(self)
     scales = inference.image_scales(state, scale, state.adapter.num_images(pixel_values, image_sizes))
     batch = {"input_ids": input_ids, "attention_mask": kwargs.pop("attention_mask", None)}
     batch["inputs_embeds"] = kwargs.pop("inputs_embeds", None)

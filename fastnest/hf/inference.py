@@ -60,10 +60,11 @@ def image_scales(state: PatchState, scale: int | Sequence[int] | None, num_image
     if isinstance(scale, int) and not isinstance(scale, bool):
         state.spec.index(scale)
         return [scale] * num_images
-    scales = list(scale) if isinstance(scale, Sequence) else None
+    scales = list(scale) if isinstance(scale, Sequence) and not isinstance(scale, str) else None
     if scales is None or len(scales) != num_images:
         raise ValueError(
-            f"scale must be one int or a sequence of one scale per image ({num_images} images), got {scale!r}"
+            f"scale must be one int, 'auto' (a fitted scale router) or a sequence of one scale per image "
+            f"({num_images} images), got {scale!r}"
         )
     for s in scales:
         state.spec.index(s)

@@ -12,6 +12,7 @@ from ..scales import TokenCounts
 
 if TYPE_CHECKING:
     from .adapter import ModelAdapter
+    from .route.head import Router
 
 _ATTRIBUTE = "_fastnest"
 
@@ -19,8 +20,8 @@ _ATTRIBUTE = "_fastnest"
 @dataclass(frozen=True)
 class PatchState:
     """How a model is patched: its family's adapter, its scales (the token counts inference allows, and the
-    ones training runs unless ``draw`` picks them per step), the default inference scale, and the backends of
-    its packed pass."""
+    ones training runs unless ``draw`` picks them per step), the default inference scale, the backends of
+    its packed pass, and the router of ``scale="auto"`` once loaded."""
 
     adapter: ModelAdapter
     spec: TokenCounts
@@ -29,6 +30,7 @@ class PatchState:
     attention: str  # backend of the packed forward ("auto" or a name in fastnest.dispatch.OPS["attention"])
     share_prefix: bool
     draw: Callable[[], TokenCounts] | None = None  # the counts of the next training step (None: ``spec``)
+    router: Router | None = None  # scale="auto"'s scale router (fastnest.load_router)
 
     def training_spec(self) -> TokenCounts:
         """The token counts the next training step runs (drawn anew per call when ``draw`` is set)."""

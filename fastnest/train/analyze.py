@@ -53,11 +53,18 @@ class Scores:
 def score_batch(model, batch: Batch, spec: TokenCounts | None = None) -> torch.Tensor:
     """bool ``[rows, scales]``: every labelled token of the row is the argmax at that scale of ``spec``
     (default: the patch's scales)."""
+    return answer_scores(model, batch, spec)[0]
+
+
+def answer_scores(model, batch: Batch, spec: TokenCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(correct, loglik)``, both ``[rows, scales]``: ``score_batch``'s score, and the log-likelihood of the
+    row's labelled tokens (its answers and their end-of-sequence tokens), from one packed multi-scale prefill."""
     spec = patch_state(model).spec if spec is None else spec
     inputs = {k: v.to(model.device) for k, v in batch.inputs.items()}
     out = multiscale_logits(model, **inputs, spec=spec)
     num_scales = len(spec.scales)
     hit = (out.logits.argmax(-1) == out.targets).long()
+    logp = torch.log_softmax(out.logits, dim=-1).gather(1, out.targets[:, None].long())[:, 0].double()
     rows = out.row.long()
     # A text-only row's targets (scale index -1) are shared by every scale.
     scale = out.scale_index.clamp(min=0)
@@ -65,14 +72,16 @@ def score_batch(model, batch: Batch, spec: TokenCounts | None = None) -> torch.T
     rows_all = torch.cat([rows[~shared], rows[shared].repeat_interleave(num_scales)])
     scale_all = torch.cat([scale[~shared], torch.arange(num_scales, device=rows.device).repeat(int(shared.sum()))])
     hit_all = torch.cat([hit[~shared], hit[shared].repeat_interleave(num_scales)])
+    logp_all = torch.cat([logp[~shared], logp[shared].repeat_interleave(num_scales)])
     flat = rows_all * num_scales + scale_all
     size = batch.size * num_scales
     total = torch.zeros(size, dtype=torch.long, device=rows.device).index_add_(0, flat, torch.ones_like(hit_all))
     good = torch.zeros(size, dtype=torch.long, device=rows.device).index_add_(0, flat, hit_all)
+    loglik = torch.zeros(size, dtype=torch.float64, device=rows.device).index_add_(0, flat, logp_all)
     if bool((total == 0).any()):
         where = batch.where[int((total == 0).nonzero()[0]) // num_scales]
         raise ValueError(f"{where}: no labelled answer token to score")
-    return (good == total).view(batch.size, num_scales).cpu()
+    return (good == total).view(batch.size, num_scales).cpu(), loglik.view(batch.size, num_scales).cpu()
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""``fastnest train``, ``fastnest analyze``, ``fastnest plot`` and ``fastnest convert``."""
+"""``fastnest train``, ``fastnest analyze``, ``fastnest route``, ``fastnest plot`` and ``fastnest convert``."""
 
 from __future__ import annotations
 
@@ -265,6 +265,113 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
+def route_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="fastnest route")
+    p.description = (
+        "Fit a scale router for scale='auto' (saved in the model directory's router/) on a routing-train split, "
+        "then compare it on a held-out split with every fixed scale, a training-free cascade and the oracle. "
+        "Writes report.json, report.md and report.png."
+    )
+    p.add_argument("--model", required=True, help="a run's model directory (or a run directory holding model/)")
+    p.add_argument(
+        "--data",
+        help="LLaVA conversation-format .json/.jsonl, one question per row (default: the built-in synthetic "
+        "routing-train and held-out splits)",
+    )
+    p.add_argument("--image-folder")
+    p.add_argument("--eval-data", help="held-out rows (default: --heldout-fraction of --data's rows)")
+    p.add_argument("--eval-image-folder")
+    p.add_argument("--heldout-fraction", type=_fraction, default=0.3, help="with --data alone (default: %(default)s)")
+    p.add_argument("--output-dir", help="where to write the report (default: the run directory's route/)")
+    p.add_argument("--train-samples", type=_positive, default=2000, help="synthetic routing-train samples")
+    p.add_argument("--heldout-samples", type=_positive, default=400, help="synthetic held-out samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (selects the synthetic splits; the split)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--max-length", type=_positive, help="longest row (default: the run's)")
+    p.add_argument("--on-bad-sample", choices=("skip", "fail"), default="fail")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--scales", type=_scales, help="scales to route among (default: as fastnest analyze)")
+    p.add_argument("--hidden", type=_positive, default=64, help="the router MLP's hidden width")
+    p.add_argument("--fit-steps", type=_positive, default=400, help="full-batch optimizer steps of the fit")
+    p.add_argument("--folds", type=_positive, default=5, help="folds of the out-of-fold budget choice")
+    p.add_argument("--max-new-tokens", type=_positive, default=16, help="greedy answers (cascade, cost)")
+    p.add_argument("--cost-samples", type=int, default=64, help="held-out prompts timed (0: no timing)")
+    p.add_argument("--cost-batch-size", type=_positive, default=1)
+    p.add_argument("--cost-repeats", type=_positive, default=3)
+    return p
+
+
+def run_route(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..hf.route import FitOptions
+    from .data_llava import BadSamples, LlavaJsonExamples
+    from .route import route_model
+    from .route_data import ROUTE_HELDOUT_SEED, ROUTE_TRAIN_SEED, split, synthetic_splits
+    from .storage import check_output_dir
+
+    model_dir = Path(args.model)
+    if (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"
+    out = Path(args.output_dir) if args.output_dir else model_dir.parent / "route"
+    check_output_dir(out)
+    if args.cost_samples < 0:
+        raise ValueError(f"--cost-samples must be 0 (no timing) or more, got {args.cost_samples}")
+    bad = BadSamples(args.on_bad_sample)
+    if args.data:
+        train = LlavaJsonExamples(args.data, args.image_folder, bad)
+        if args.eval_data:
+            heldout = LlavaJsonExamples(args.eval_data, args.eval_image_folder, bad, "--eval-data")
+            splits = f"routing-train: {args.data}; held-out: {args.eval_data}"
+        else:
+            train, heldout = split(train, args.heldout_fraction, args.seed)
+            splits = f"{args.data} split by a permutation seeded {args.seed}: held-out fraction {args.heldout_fraction}"
+    else:
+        train, heldout = synthetic_splits(args.train_samples, args.heldout_samples, args.seed)
+        splits = (
+            f"built-in synthetic: routing-train {args.train_samples} samples (seed {ROUTE_TRAIN_SEED + args.seed}), "
+            f"held-out {args.heldout_samples} (seed {ROUTE_HELDOUT_SEED + args.seed})"
+        )
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    cost = None
+    if args.cost_samples:
+        cost = {"samples": args.cost_samples, "batch_size": args.cost_batch_size, "repeats": args.cost_repeats}
+    result = route_model(
+        model_dir,
+        train,
+        heldout,
+        out_dir=out,
+        splits=splits,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        bad=bad,
+        device=device,
+        scales=args.scales,
+        fit=FitOptions(hidden=args.hidden, steps=args.fit_steps, seed=args.seed),
+        folds=args.folds,
+        max_new_tokens=args.max_new_tokens,
+        cost=cost,
+    )
+    print((out / "report.md").read_text())
+    t = result["comparison"]["targets"]
+    print(f"token ratio at the best fixed accuracy: {t['token_ratio']}; gap closed: {t['gap_closed']}")
+    print(bad.summary())
+    print(json.dumps(result["paths"]))
+    return 0
+
+
 def convert_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="fastnest convert")
     p.description = (
@@ -306,12 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser("train", help="train a LLaVA on every scale, or an MQT-LLaVA (default: the built-in CPU run)")
     )
     analyze_parser(sub.add_parser("analyze", help="accuracy per scale and question type, with the oracle"))
+    route_parser(sub.add_parser("route", help="fit a scale router for scale='auto' and compare it on held-out data"))
     plot_parser(sub.add_parser("plot", help="a run's training curves and analysis figure (PNG/SVG)"))
     convert_parser(sub.add_parser("convert", help="an original-format LLaVA checkpoint to Hugging Face's format"))
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     try:
-        return {"train": run_train, "analyze": run_analyze, "plot": run_plot, "convert": run_convert}[command](args)
+        commands = {"train": run_train, "analyze": run_analyze, "route": run_route, "plot": run_plot}
+        return (commands | {"convert": run_convert})[command](args)
     except (BadSampleError, ValueError) as e:
         print(f"fastnest {command}: error: {e}", file=sys.stderr)
         return 2
