@@ -29,49 +29,65 @@ def pooled_image_features(model, pixel_values: torch.Tensor, scale: int) -> torc
 def scaled_rows(model, input_ids, attention_mask, pixel_values, labels, scale):
     """Each row's valid tokens as embeddings, its images replaced by ``scale`` pooled tokens each.
 
-    Returns lists (one entry per row) of ``[len, D]`` embeddings, ``[len]`` labels and ``[len]`` token ids
-    (image positions keep the image token id).
+    As the release does it: the row's text embedded in one call, then cut at the images and spliced with the
+    pooled features. Returns lists (one entry per row) of ``[len, D]`` embeddings, ``[len]`` labels and
+    ``[len]`` token ids (image positions keep the image token id).
     """
     image_id = model.config.image_token_id
     pooled = pooled_image_features(model, pixel_values, scale) if pixel_values is not None else None
     embed = model.get_input_embeddings()
-    rows_embeds, rows_labels, rows_ids = [], [], []
-    image = 0
     vision = model.config.vision_config
     tokens_per_image = (vision.image_size // vision.patch_size) ** 2
+    rows_embeds, rows_labels, rows_ids = [], [], []
+    image = 0
     for b in range(input_ids.shape[0]):
         keep = attention_mask[b].bool()
-        ids, lab = input_ids[b][keep], labels[b][keep] if labels is not None else None
+        ids = input_ids[b][keep]
+        lab = labels[b][keep] if labels is not None else torch.full_like(ids, -100)
+        text = embed(ids)
+        starts = (ids == image_id).nonzero().squeeze(1)[::tokens_per_image].tolist()  # each image's first token
         embeds, out_labels, out_ids = [], [], []
         t = 0
-        while t < len(ids):
-            if ids[t] == image_id:
-                embeds.append(pooled[image])
-                out_labels += [-100] * scale
-                out_ids += [image_id] * scale
-                image += 1
-                t += tokens_per_image
-            else:
-                embeds.append(embed(ids[t : t + 1]))
-                out_labels.append(int(lab[t]) if lab is not None else -100)
-                out_ids.append(int(ids[t]))
-                t += 1
+        for start in [*starts, len(ids)]:
+            embeds.append(text[t:start])
+            out_labels.append(lab[t:start])
+            out_ids.append(ids[t:start])
+            if start == len(ids):
+                break
+            embeds.append(pooled[image])
+            out_labels.append(torch.full((scale,), -100))
+            out_ids.append(torch.full((scale,), image_id))
+            image += 1
+            t = start + tokens_per_image
         rows_embeds.append(torch.cat(embeds))
-        rows_labels.append(torch.tensor(out_labels))
-        rows_ids.append(torch.tensor(out_ids))
+        rows_labels.append(torch.cat(out_labels))
+        rows_ids.append(torch.cat(out_ids))
     return rows_embeds, rows_labels, rows_ids
+
+
+def padded_logits(model, embeds: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of embeddings padded on the right, one full language-model forward, full fp32 logits
+    ``[rows, width, vocab]``."""
+    width = max(len(e) for e in embeds)
+    batch = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
+    mask = torch.zeros(len(embeds), width, dtype=torch.long)
+    for b, e in enumerate(embeds):
+        batch[b, : len(e)], mask[b, : len(e)] = e, 1
+    hidden = model.model.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+    return model.lm_head(hidden).float()
+
+
+def padded_labels(labels: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of labels padded on the right with -100 (ignored), ``[rows, width]``."""
+    out = torch.full((len(labels), max(len(y) for y in labels)), -100)
+    for b, y in enumerate(labels):
+        out[b, : len(y)] = y
+    return out
 
 
 def padded_lm_loss(model, embeds: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
     """Rows of embeddings padded on the right, one full forward, full fp32 logits, token-mean next-token CE."""
-    width = max(len(e) for e in embeds)
-    batch = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
-    mask = torch.zeros(len(embeds), width, dtype=torch.long)
-    lab = torch.full((len(embeds), width), -100)
-    for b, (e, y) in enumerate(zip(embeds, labels)):
-        batch[b, : len(e)], mask[b, : len(e)], lab[b, : len(e)] = e, 1, y
-    hidden = model.model.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = model.lm_head(hidden).float()
+    logits, lab = padded_logits(model, embeds), padded_labels(labels)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1))
 
 

@@ -66,7 +66,7 @@ def answer_scores(model, batch: Batch, spec: TokenCounts | None = None) -> tuple
     hit = (out.logits.argmax(-1) == out.targets).long()
     logp = torch.log_softmax(out.logits, dim=-1).gather(1, out.targets[:, None].long())[:, 0].double()
     rows = out.row.long()
-    # A text-only row's targets (scale index -1) are shared by every scale.
+    # Targets of scale index -1 (a text-only row, a shared prefix) count at every scale.
     scale = out.scale_index.clamp(min=0)
     shared = out.scale_index < 0
     rows_all = torch.cat([rows[~shared], rows[shared].repeat_interleave(num_scales)])
