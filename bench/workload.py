@@ -4,7 +4,9 @@ Workloads: ``"mixed"`` (issue 2: text 40-400 tokens per row) and ``"prefix"`` (i
 target: a 35-token system prompt, the image, then ~100 tokens of question and answer).
 
 Ways to take one training step (forward + backward) on the same weights and batch:
-- ``fastnest``: the patched model, every scale in one packed forward (default options);
+- ``fastnest``: the patched model, every scale in one packed forward (default options: on CPU the language
+  model's fused native RMSNorm / SwiGLU / rotary kernels);
+- ``fastnest/unfused``: the same with ``lm_kernels="torch"`` (the model's own elementwise code);
 - ``fastnest/<attention>/<shared|unshared>``: the same with ``patch_llava(attention=..., share_prefix=...)``;
   flash/xformers/flex run on CUDA in bfloat16 (FlexAttention has no CPU backward);
 - ``released_loop``: the released M3 code's loop (vision + projector per scale, padded batch per scale,
@@ -23,12 +25,14 @@ from collections.abc import Callable
 import torch
 
 import fastnest
+from bench.flop_count import FlopCount, gemm_operands, time_gemms
 from fastnest.hf.tiny import tiny_llava
 from tools.batches import IMG, SYSTEM_PROMPT, make_batch, mixed_rows
 from tools.m3_reference import released_m3_loss
 
 SCALES = (1, 9, 36, 144, 576)
 VARIANTS = ("fastnest", "released_loop", "vanilla")
+UNFUSED = "fastnest/unfused"
 ATTENTIONS = ("sdpa", "flash", "xformers", "flex")
 PREFIX_VARIANTS = tuple(f"fastnest/{a}/{s}" for a in ATTENTIONS for s in ("shared", "unshared"))
 WORKLOADS = ("mixed", "prefix")
@@ -72,8 +76,10 @@ def check_variant(variant: str) -> dict:
     """``patch_llava`` options of a fastnest variant (``{}`` for the others); ValueError for unknown names."""
     if variant in VARIANTS:
         return {}
+    if variant == UNFUSED:
+        return {"lm_kernels": "torch"}
     if variant not in PREFIX_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS + PREFIX_VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; choose from {(*VARIANTS, UNFUSED, *PREFIX_VARIANTS)}")
     _, attention, share = variant.split("/")
     return {"attention": attention, "share_prefix": share == "shared"}
 
@@ -129,6 +135,7 @@ def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, thr
     torch.set_num_threads(threads)
     step = make_step(*args)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # the step was built on the GPU
+    operands = []  # the counted step's GEMMs (bench/flop_count.py), for "gemms"
     conn.send("ready")
     while (command := conn.recv()) != "stop":
         if command == "peak":  # memory one step adds at its peak over its inputs (device or resident), its time
@@ -145,6 +152,13 @@ def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, thr
             seconds = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
             conn.send((peak - before, seconds, loss))
+        elif command == "count":  # one step under the FLOP counter: (gemm FLOPs, attention FLOPs, GEMM calls)
+            with FlopCount() as count:
+                step()
+            operands = gemm_operands(count.gemms)
+            conn.send((count.gemm_flops, count.attention_flops, sum(count.gemms.values())))
+        elif command == "gemms":  # seconds of the counted step's matrix products alone (torch.mm)
+            conn.send(time_gemms(operands))
         elif command == "timed":  # (loss, wall s, this process's CPU s), measured here: no pipe in it
             wall, cpu = time.perf_counter(), time.process_time()
             loss = step()
@@ -185,6 +199,17 @@ class Worker:
         """``(loss, wall seconds, CPU seconds)`` of one step, timed inside the worker. On a shared machine
         CPU time tracks the work done more steadily than wall time (others' load stretches the latter)."""
         self._conn.send("timed")
+        return self._conn.recv()
+
+    def count_flops(self) -> tuple[int, int, int]:
+        """One step under ``bench.flop_count.FlopCount``: ``(GEMM FLOPs, attention FLOPs, GEMM calls)``; keeps
+        operands of its GEMM shapes for ``gemm_seconds``."""
+        self._conn.send("count")
+        return self._conn.recv()
+
+    def gemm_seconds(self) -> float:
+        """Seconds ``torch.mm`` takes for the counted step's GEMMs (same shapes, layouts and counts) here."""
+        self._conn.send("gemms")
         return self._conn.recv()
 
     def close(self) -> None:

@@ -19,6 +19,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "pooling": BACKENDS,
     "cross_entropy": BACKENDS,
     "attention": ("flash", "xformers", "flex", "sdpa"),
+    # the language model's fused RMSNorm / SwiGLU / rotary (fastnest/hf/lm_kernels.py): Liger-Kernel's (CUDA),
+    # fastnest._C's (CPU), or the model's own code
+    "lm_kernels": ("liger", "native", "torch"),
 }
 _CUDA_ONLY = {"flash": "flash_attn", "xformers": "xformers"}  # attention backend -> module it imports
 _HALF = (torch.float16, torch.bfloat16)
@@ -63,6 +66,12 @@ def _process_error(op: str, backend: str) -> str | None:
         if backend == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         return None
+    if op == "lm_kernels" and backend == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "the liger_kernel package is not installed (pip install liger-kernel)"
+        if not torch.cuda.is_available():
+            return "Liger-Kernel's Triton kernels run on CUDA and torch.cuda.is_available() is False"
+        return None
     if backend == "triton":
         return None if _triton_importable() else "triton is not installed"
     if backend == "native":
@@ -106,8 +115,16 @@ def _attention_error(backend: str, device: torch.device, dtype: torch.dtype | No
     return None
 
 
+def _lm_kernels_error(backend: str, device: torch.device) -> str | None:
+    """Why ``lm_kernels`` backend ``backend`` (runnable in this process) cannot run on ``device``."""
+    wants = {"native": "cpu", "liger": "cuda"}.get(backend)
+    if wants is not None and device.type != wants:
+        return f"it runs on {wants} tensors, got {device.type}"
+    return None
+
+
 def _label(op: str) -> str:
-    return "attention" if op == "attention" else "backend"
+    return op if op in ("attention", "lm_kernels") else "backend"
 
 
 def check_backend(op: str, backend: str | None) -> str:
@@ -164,15 +181,23 @@ def resolve_backend(
     """The backend that runs ``op`` for tensors on ``device`` (attention also looks at ``dtype``/``backward``).
 
     Kernel ops, ``None``/``"auto"``: CUDA (with Triton) -> ``"triton"``; CPU -> ``"native"`` when
-    ``fastnest._C`` is built, else ``"torch"``. Attention, auto: on CUDA, flash (when installed and ``dtype`` is
+    ``fastnest._C`` is built, else ``"torch"``. ``lm_kernels``, auto: ``"native"`` on CPU when built, else
+    ``"torch"`` (Liger's only when asked for). Attention, auto: on CUDA, flash (when installed and ``dtype`` is
     fp16/bf16 on compute capability >= 8.0), else xformers (when installed), else sdpa with a warning naming why
     neither could run; elsewhere sdpa; FlexAttention only when asked for.
     A named backend is returned as is, or ValueError says why it cannot run; nothing falls back silently.
     """
     device = torch.device(device)
     name = check_backend(op, backend)
+    if name == "auto" and op == "lm_kernels":  # measured faster on CPU (bench/results/2026-12-02-cpu-step-kernels.md)
+        return "native" if device.type == "cpu" and native_available() else "torch"
     if name == "auto":
         return _auto_attention(device, dtype, backward) if op == "attention" else _auto(op, device, dtype)
+    if op == "lm_kernels":
+        reason = _lm_kernels_error(name, device)
+        if reason is not None:
+            raise ValueError(f"lm_kernels {name!r} cannot run here: {reason}; use lm_kernels='auto' or 'torch'")
+        return name
     if op == "attention":
         reason = _attention_error(name, device, dtype, backward)
         if reason is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,18 +31,27 @@ def attend(q, k, v, info, scale, dropout, sliding_window: int | None = None) -> 
             q_, k_, v_, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa
         )
 
-    # [T, H, d] -> [1, H, T, d] views; split (not slicing): its backward is one concatenation instead of a
-    # zero-filled full-size gradient per piece
-    qs, ks, vs = (t.transpose(0, 1)[None].split(info.seqlens_q, dim=2) for t in (q, k, v))
+    # Each sequence's block is its keys' rows, [context; own] (``info.key_index``), gathered once per tensor:
+    # SDPA's is_causal is top-left aligned, and its CPU kernels skip masked blocks only under is_causal, so each
+    # block attends as a square and keeps its own rows, which measured faster than an offset mask (the context's
+    # rows are a small extra). One gather (its backward one index_add) replaces a concatenation per sequence and
+    # the zero-filled gradient of each sliced context.
+    if info.key_index is not None:
+        q, k, v = (t.index_select(0, info.key_index) for t in (q, k, v))
     parts = []
-    for i, n in enumerate(info.seqlens_q):
-        c, before = info.context[i], info.context_lens[i]
-        if n == 0 or before == 0:
-            parts.append(run(qs[i], ks[i], vs[i]) if n else qs[i])
-            continue
-        # Bottom-right causal over [context; own]. SDPA's is_causal is top-left aligned, and its CPU kernels
-        # skip masked blocks only under is_causal: attend over the square [context; own] block and keep the
-        # own rows, which measured faster than an offset mask (the context's rows are a small extra).
-        out = run(*(torch.cat([t[c][:, :, :before], t[i]], dim=2) for t in (qs, ks, vs)))
-        parts.append(out[:, :, before:])
-    return torch.cat(parts, dim=2)[0].transpose(0, 1)
+    for block in zip(*(t.split(info.seqlens_k) for t in (q, k, v))):
+        # [L, H, d] -> [1, H, L, d] views in, the output back to tokens-major: one concatenation makes [T, H, d]
+        parts.append(run(*(t.transpose(0, 1)[None] for t in block))[0].transpose(0, 1) if len(block[0]) else block[0])
+    out = torch.cat(parts)
+    return out if info.prepared is None else out.index_select(0, info.prepared)
+
+
+def prepare(info, device: torch.device) -> torch.Tensor | None:
+    """Rows of the sequences' own queries among the gathered blocks (None when no sequence has a context)."""
+    if info.key_index is None:
+        return None
+    rows = [
+        torch.arange(start + m - n, start + m)
+        for start, n, m in zip(itertools.accumulate(info.seqlens_k, initial=0), info.seqlens_q, info.seqlens_k)
+    ]
+    return torch.cat(rows).to(device, non_blocking=True)

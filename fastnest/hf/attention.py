@@ -20,9 +20,9 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import varlen_attention
+from .lm_kernels import KERNELS_KWARG, VARLEN_KWARG
 
 ROUTED = "fastnest"
-VARLEN_KWARG = "fastnest_varlen"
 
 
 class RoutedConfig:
@@ -109,9 +109,10 @@ def unroute(language_model: torch.nn.Module) -> None:
 
 
 def packed_call(
-    language_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, info
+    language_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, info, kernels: str = "torch"
 ) -> torch.Tensor:
-    """``[T, D] -> [T, D]``: the decoder over a packed sequence, attention by ``info``.
+    """``[T, D] -> [T, D]``: the decoder over a packed sequence, attention by ``info``, the decoder layers'
+    elementwise ops by ``kernels`` (``fastnest.hf.lm_kernels``: "native", "liger" or the model's own, "torch").
 
     HF returns a 4-D attention mask as given, so a [1, 1, 1, 1] stand-in keeps it from building a dense
     [T, T] mask for the packed positions; the routed attention ignores it when the varlen info is there.
@@ -122,5 +123,6 @@ def packed_call(
         attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=embeds.device),
         use_cache=False,
         **{VARLEN_KWARG: info},
+        **({} if kernels == "torch" else {KERNELS_KWARG: kernels}),
     )
     return out.last_hidden_state[0]

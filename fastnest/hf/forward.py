@@ -15,7 +15,7 @@ from ..constants import IGNORE_INDEX
 from ..scales import TokenCounts
 from ..step import StepOutput, packed_step, step_loss
 from . import attention as hf_attention
-from . import inference
+from . import inference, lm_kernels
 from .output import MatryoshkaCausalLMOutput
 from .route import auto
 from .state import PatchState, patch_state
@@ -48,7 +48,9 @@ class BoundModel:
         return embed(input_ids.to(embed.weight.device, non_blocking=True))
 
     def language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo) -> torch.Tensor:
-        return hf_attention.packed_call(self.adapter.language_model(self.model), embeds, position_ids, info)
+        decoder = self.adapter.language_model(self.model)
+        kernels = lm_kernels.resolve(decoder, self.state.lm_kernels, embeds.device)
+        return hf_attention.packed_call(decoder, embeds, position_ids, info, kernels)
 
 
 def _pop_vision_options(kwargs: dict) -> dict:

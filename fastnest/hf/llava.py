@@ -16,10 +16,12 @@ from ..layout import pooled_grid
 from ..ops.projector.function import matryoshka_project, register_gelu, register_projector
 from ..scales import MatryoshkaScales
 from . import attention as hf_attention
+from . import lm_kernels
 from .adapter import ModelAdapter
 from .draw import TokenDraw
 from .forward import patched_forward, patched_generate
 from .inference import image_features
+from .lm_kernels import check_choice as check_lm_kernels
 from .settings import stored_setting
 from .state import PatchState, patch_state, set_state
 
@@ -148,6 +150,7 @@ def patch_llava(
     backend: str | None = None,
     sampling: str = "all",
     seed: int = 0,
+    lm_kernels: str = "auto",
 ) -> LlavaForConditionalGeneration:
     """Make ``model`` train on every Matryoshka scale in one packed forward, and infer at any scale.
 
@@ -166,6 +169,10 @@ def patch_llava(
     ``sampling="random"``: each training step runs ONE of ``scales``, drawn by a generator seeded with ``seed``
     (the same on every process) — the M3 paper's random-scale ablation, and a cheaper step; ``"all"`` (default)
     averages every scale.
+    ``lm_kernels``: the language model's RMSNorm, SwiGLU and rotary embedding in the packed training pass:
+    ``"native"`` (fastnest._C's fused kernels, CPU), ``"liger"`` (Liger-Kernel's, CUDA; ``pip install
+    liger-kernel``), ``"torch"`` (the model's own code) or ``"auto"`` (native on CPU when built, else torch);
+    Llama decoders only (a named one raises for others). Inference runs the model's own code.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model, LlavaForConditionalGeneration) or model_type != "llava":
@@ -173,7 +180,8 @@ def patch_llava(
             f"patch_llava expects a LlavaForConditionalGeneration of model_type 'llava', got {type(model).__name__} "
             f"({model_type!r}); fastnest.patch picks the patch for a model's type"
         )
-    return install(model, pooled_state(LLAVA, model, scales, attention, share_prefix, backend, sampling, seed))
+    state = pooled_state(LLAVA, model, scales, attention, share_prefix, backend, sampling, seed, lm_kernels)
+    return install(model, state)
 
 
 def pooled_state(
@@ -185,9 +193,10 @@ def pooled_state(
     backend: str | None,
     sampling: str = "all",
     seed: int = 0,
+    lm_kernels: str = "auto",
 ) -> PatchState:
     """The patch state of a pooled-grid family (LLaVA, LLaVA-NeXT), its options checked: a ValueError or
-    TypeError naming a bad scale set, kernel backend, attention backend or sampling; a warning for flex without
+    TypeError naming a bad scale set, kernel backend, attention backend, sampling or lm_kernels; a warning for flex without
     CUDA. ``scales=None``: the ones ``fastnest convert`` stored in ``config.fastnest``, else the defaults."""
     if scales is None:
         scales = stored_setting(model, "scales", DEFAULT_SCALES)
@@ -213,13 +222,17 @@ def pooled_state(
             "(fastnest analyze) runs here, a training step will be refused (use attention='sdpa' or 'auto' to train)",
             stacklevel=3,
         )
-    return PatchState(adapter, spec, max(spec.scales), backend, attention, bool(share_prefix), draw=draw)
+    kernels = check_lm_kernels(adapter.language_model(model), lm_kernels)
+    return PatchState(
+        adapter, spec, max(spec.scales), backend, attention, bool(share_prefix), draw=draw, lm_kernels=kernels
+    )
 
 
 def install(model: torch.nn.Module, state: PatchState) -> torch.nn.Module:
     """Attach ``state`` and replace the instance's forward, generate and get_image_features (any adapter)."""
     set_state(model, state)
     hf_attention.route(state.adapter.language_model(model))
+    lm_kernels.route(state.adapter.language_model(model))
     inner = state.adapter.multimodal(model)
     inner.get_image_features = _bind(inner, image_features, type(inner).get_image_features)
     model.forward = _bind(model, patched_forward, type(model).forward)
@@ -244,6 +257,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Restore plain Hugging Face behaviour."""
     adapter = patch_state(model).adapter
     hf_attention.unroute(adapter.language_model(model))
+    lm_kernels.unroute(adapter.language_model(model))
     adapter.multimodal(model).__dict__.pop("get_image_features", None)
     for name in ("forward", "generate"):
         model.__dict__.pop(name, None)

@@ -189,12 +189,13 @@ def patch_llava_next(
     unpad: str = "hf",
     sampling: str = "all",
     seed: int = 0,
+    lm_kernels: str = "auto",
 ) -> LlavaNextForConditionalGeneration:
     """Make a LLaVA-NeXT train on every Matryoshka scale in one packed forward, and infer at any scale.
 
     As :func:`fastnest.patch_llava` (the same ``scales`` — default: the ones stored in ``config.fastnest`` by
     ``fastnest convert``, else (1, 9, 36, 144, 576) —, ``attention``, ``share_prefix``, ``backend``,
-    ``sampling``, ``seed``, training loss and ``scale=`` inference), for ``LlavaNextProcessor`` inputs (each image's placeholder run at
+    ``sampling``, ``seed``, ``lm_kernels``, training loss and ``scale=`` inference), for ``LlavaNextProcessor`` inputs (each image's placeholder run at
     full scale, ``pixel_values [images, crops, 3, H, W]``, ``image_sizes``). At scale ``s`` an image is
     ``s + R·(C + 1)`` tokens: its base crop pooled to ``s``, then the grid crops each pooled to ``s``, stitched
     and unpadded to the image's aspect ratio at that pooled resolution, one ``image_newline`` per map row (the
@@ -209,4 +210,5 @@ def patch_llava_next(
             f"{type(model).__name__} ({model_type!r}); fastnest.patch picks the patch for a model's type"
         )
     adapter = LLAVA_NEXT if unpad == "hf" else LLAVA_NEXT_RELEASED if unpad == "released" else LlavaNextAdapter(unpad)
-    return install(model, pooled_state(adapter, model, scales, attention, share_prefix, backend, sampling, seed))
+    state = pooled_state(adapter, model, scales, attention, share_prefix, backend, sampling, seed, lm_kernels)
+    return install(model, state)

@@ -18,6 +18,7 @@ from ..layout import query_prefix
 from ..scales import QueryCounts
 from .draw import TokenDraw
 from .llava import LlavaAdapter, install
+from .lm_kernels import check_choice as check_lm_kernels
 from .mqt_model import MQTLlavaForConditionalGeneration
 from .settings import stored_setting
 from .state import PatchState
@@ -90,6 +91,7 @@ def patch_mqt_llava(
     attention: str = "auto",
     share_prefix: bool = True,
     backend: str | None = None,
+    lm_kernels: str = "auto",
 ) -> MQTLlavaForConditionalGeneration:
     """Make an MQT-LLaVA train on token counts in one packed forward, and infer at any count ``1..M``.
 
@@ -100,7 +102,7 @@ def patch_mqt_llava(
     is initialised); ``("random", k)`` k distinct counts per step from
     that set, trained together. Stage 1 is ``num_tokens=(M,)``. Inference: ``model(..., scale=m)`` /
     ``generate(..., scale=m)`` for any ``1 <= m <= M`` (one, or one per image; default M). ``attention``,
-    ``share_prefix``, ``backend``: as for ``patch_llava`` (the backend serves the fused loss). ``num_tokens``
+    ``share_prefix``, ``backend``, ``lm_kernels``: as for ``patch_llava`` (the backend serves the fused loss). ``num_tokens``
     defaults to the one stored in ``config.fastnest`` (``fastnest convert``), else ``"released"``.
     """
     if not isinstance(model, MQTLlavaForConditionalGeneration):
@@ -114,5 +116,8 @@ def patch_mqt_llava(
     training = _draw(num_queries, num_tokens, seed)
     draw = training if isinstance(training, TokenDraw) else functools.partial(_same, training)
     every = QueryCounts(num_queries, range(1, num_queries + 1))  # inference: any count the connector allows
-    state = PatchState(MQT_LLAVA, every, num_queries, backend, attention, bool(share_prefix), draw=draw)
+    kernels = check_lm_kernels(MQT_LLAVA.language_model(model), lm_kernels)
+    state = PatchState(
+        MQT_LLAVA, every, num_queries, backend, attention, bool(share_prefix), draw=draw, lm_kernels=kernels
+    )
     return install(model, state)

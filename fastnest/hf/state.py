@@ -30,6 +30,7 @@ class PatchState:
     attention: str  # backend of the packed forward ("auto" or a name in fastnest.dispatch.OPS["attention"])
     share_prefix: bool
     draw: Callable[[], TokenCounts] | None = None  # the counts of the next training step (None: ``spec``)
+    lm_kernels: str = "auto"  # the language model's fused elementwise ops in the packed pass (hf/lm_kernels.py)
     router: Router | None = None  # scale="auto"'s scale router (fastnest.load_router)
 
     def training_spec(self) -> TokenCounts:

@@ -2,7 +2,9 @@
 
 - ``pooling/``: multi-scale average pooling of a square token grid and its adjoint (the fold);
 - ``projector/``: the projector (linear -> GELU -> linear) with the pooling fused into GEMM2;
-- ``cross_entropy/``: the Matryoshka objective and the fused linear cross-entropy over logits chunks.
+- ``cross_entropy/``: the Matryoshka objective and the fused linear cross-entropy over logits chunks;
+- ``decoder/``: the language model's RMSNorm, SwiGLU and rotary embedding, fused (native kernels; no triton.py:
+  on CUDA fastnest/hf/lm_kernels.py applies Liger-Kernel's).
 
 Each folder holds ``naive.py`` (the plain PyTorch reference the tests compare against), ``triton.py`` (Triton
 kernels and their launchers), ``native.py`` (wrappers of the C++/OpenMP extension ``fastnest._C``, sources in

@@ -48,4 +48,25 @@ constexpr int64_t kIgnoreIndex = -100;
 void ce_grad(void* logits, int64_t row_stride, const int64_t* targets, const float* coef, float* loss, int64_t rows,
              int64_t vocab, DType dtype, int num_threads);
 
+// RMSNorm of x [rows, cols] (Hugging Face's LlamaRMSNorm): rstd[r] = 1 / sqrt(mean_j x[r, j]^2 + eps) (fp32, fp64
+// for double; rstd is float* or double* accordingly) and y = weight * round(x * rstd), in fp32 (fp64) arithmetic.
+void rms_norm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t cols, double eps,
+                      DType dtype, int num_threads);
+
+// Its backward from the forward's rstd: dx [rows, cols] and dweight [cols] (summed over rows in fp32, in a fixed
+// order whatever the thread schedule).
+void rms_norm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx, void* dweight,
+                       int64_t rows, int64_t cols, DType dtype, int num_threads);
+
+// SwiGLU over n elements: h = round(silu(gate)) * up; backward: dgate, dup from dh, gate and up.
+void swiglu_forward(const void* gate, const void* up, void* h, int64_t n, DType dtype, int num_threads);
+void swiglu_backward(const void* dh, const void* gate, const void* up, void* dgate, void* dup, int64_t n,
+                     DType dtype, int num_threads);
+
+// Rotary embedding of tokens x (token t's [heads, dim] at x + t * x_stride) with per-token cos/sin [tokens, dim]
+// into out [tokens, heads, dim] (contiguous): out = x * cos + rotate_half(x) * sin; backward = true applies the
+// transposed map (x is then the output's gradient). dim is even.
+void rotary(const void* x, int64_t x_stride, const void* cos, const void* sin, void* out, int64_t tokens,
+            int64_t heads, int64_t dim, bool backward, DType dtype, int num_threads);
+
 }  // namespace fastnest

@@ -203,6 +203,104 @@ PyObject* ce_grad(PyObject*, PyObject* args) {
     });
 }
 
+PyObject* rms_norm_forward(PyObject*, PyObject* args) {
+    unsigned long long x, weight, y, rstd;
+    long long rows, cols;
+    double eps;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLdii:rms_norm_forward", &x, &weight, &y, &rstd, &rows, &cols, &eps,
+                          &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("x", x) || !check_pointer("weight", weight) ||
+        !check_pointer("y", y) || !check_pointer("rstd", rstd) || !check_positive("rows", rows) ||
+        !check_positive("cols", cols) || !check_positive("num_threads", threads))
+        return nullptr;
+    return run([&] {
+        fastnest::rms_norm_forward(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(weight),
+                                   reinterpret_cast<void*>(y), reinterpret_cast<void*>(rstd), rows, cols, eps, dtype,
+                                   threads);
+    });
+}
+
+PyObject* rms_norm_backward(PyObject*, PyObject* args) {
+    unsigned long long dy, x, weight, rstd, dx, dweight;
+    long long rows, cols;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLii:rms_norm_backward", &dy, &x, &weight, &rstd, &dx, &dweight, &rows, &cols,
+                          &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("dy", dy) || !check_pointer("x", x) ||
+        !check_pointer("weight", weight) || !check_pointer("rstd", rstd) || !check_pointer("dx", dx) ||
+        !check_pointer("dweight", dweight) || !check_positive("rows", rows) || !check_positive("cols", cols) ||
+        !check_positive("num_threads", threads))
+        return nullptr;
+    return run([&] {
+        fastnest::rms_norm_backward(reinterpret_cast<const void*>(dy), reinterpret_cast<const void*>(x),
+                                    reinterpret_cast<const void*>(weight), reinterpret_cast<const void*>(rstd),
+                                    reinterpret_cast<void*>(dx), reinterpret_cast<void*>(dweight), rows, cols, dtype,
+                                    threads);
+    });
+}
+
+PyObject* swiglu_forward(PyObject*, PyObject* args) {
+    unsigned long long gate, up, h;
+    long long n;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KKKLii:swiglu_forward", &gate, &up, &h, &n, &dtype_code, &threads)) return nullptr;
+    DType dtype;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("gate", gate) || !check_pointer("up", up) ||
+        !check_pointer("h", h) || !check_positive("n", n) || !check_positive("num_threads", threads))
+        return nullptr;
+    return run([&] {
+        fastnest::swiglu_forward(reinterpret_cast<const void*>(gate), reinterpret_cast<const void*>(up),
+                                 reinterpret_cast<void*>(h), n, dtype, threads);
+    });
+}
+
+PyObject* swiglu_backward(PyObject*, PyObject* args) {
+    unsigned long long dh, gate, up, dgate, dup;
+    long long n;
+    int dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KKKKKLii:swiglu_backward", &dh, &gate, &up, &dgate, &dup, &n, &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("dh", dh) || !check_pointer("gate", gate) ||
+        !check_pointer("up", up) || !check_pointer("dgate", dgate) || !check_pointer("dup", dup) ||
+        !check_positive("n", n) || !check_positive("num_threads", threads))
+        return nullptr;
+    return run([&] {
+        fastnest::swiglu_backward(reinterpret_cast<const void*>(dh), reinterpret_cast<const void*>(gate),
+                                  reinterpret_cast<const void*>(up), reinterpret_cast<void*>(dgate),
+                                  reinterpret_cast<void*>(dup), n, dtype, threads);
+    });
+}
+
+PyObject* rotary(PyObject*, PyObject* args) {
+    unsigned long long x, cos, sin, out;
+    long long x_stride, tokens, heads, dim;
+    int backward, dtype_code, threads;
+    if (!PyArg_ParseTuple(args, "KLKKKLLLpii:rotary", &x, &x_stride, &cos, &sin, &out, &tokens, &heads, &dim,
+                          &backward, &dtype_code, &threads))
+        return nullptr;
+    DType dtype;
+    if (!parse_dtype(dtype_code, &dtype) || !check_pointer("x", x) || !check_pointer("cos", cos) ||
+        !check_pointer("sin", sin) || !check_pointer("out", out) || !check_positive("tokens", tokens) ||
+        !check_positive("heads", heads) || !check_positive("dim", dim) || !check_positive("num_threads", threads))
+        return nullptr;
+    if (dim % 2 != 0 || x_stride < heads * dim) {
+        PyErr_Format(PyExc_ValueError, "dim %lld must be even and x_stride %lld at least heads * dim = %lld", dim,
+                     x_stride, heads * dim);
+        return nullptr;
+    }
+    return run([&] {
+        fastnest::rotary(reinterpret_cast<const void*>(x), x_stride, reinterpret_cast<const void*>(cos),
+                         reinterpret_cast<const void*>(sin), reinterpret_cast<void*>(out), tokens, heads, dim,
+                         backward != 0, dtype, threads);
+    });
+}
+
 PyMethodDef methods[] = {
     {"gelu_forward", gelu_forward, METH_VARARGS,
      "gelu_forward(pre, bias, h, rows, cols, dtype, approximate, num_threads): h = gelu(pre + bias); with a bias "
@@ -219,12 +317,25 @@ PyMethodDef methods[] = {
      "ce_grad(logits, row_stride, targets, coef, loss, rows, vocab, dtype, num_threads): per row of logits "
      "[rows, vocab], loss = logsumexp - logits[target] (fp32) and logits <- coef * (softmax - onehot(target)) in "
      "place; target -100: loss 0, zero row."},
+    {"rms_norm_forward", rms_norm_forward, METH_VARARGS,
+     "rms_norm_forward(x, weight, y, rstd, rows, cols, eps, dtype, num_threads): y = weight * x * rstd per row, "
+     "rstd = 1 / sqrt(mean(x^2) + eps) (float32; float64 for float64)."},
+    {"rms_norm_backward", rms_norm_backward, METH_VARARGS,
+     "rms_norm_backward(dy, x, weight, rstd, dx, dweight, rows, cols, dtype, num_threads): the input and weight "
+     "gradients of rms_norm_forward."},
+    {"swiglu_forward", swiglu_forward, METH_VARARGS,
+     "swiglu_forward(gate, up, h, n, dtype, num_threads): h = silu(gate) * up over n elements."},
+    {"swiglu_backward", swiglu_backward, METH_VARARGS,
+     "swiglu_backward(dh, gate, up, dgate, dup, n, dtype, num_threads): the gradients of swiglu_forward."},
+    {"rotary", rotary, METH_VARARGS,
+     "rotary(x, x_stride, cos, sin, out, tokens, heads, dim, backward, dtype, num_threads): out = x * cos + "
+     "rotate_half(x) * sin per token (backward: the transposed map), out [tokens, heads, dim] contiguous."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fastnest._C",
-    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy); see fastnest/ops/*/native.py.", -1,
+    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy, RMSNorm, SwiGLU, rotary); see fastnest/ops/*/native.py.", -1,
     methods, nullptr, nullptr, nullptr, nullptr,
 };
 

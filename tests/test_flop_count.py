@@ -1,0 +1,28 @@
+"""bench/flop_count.py: the step benchmark's FLOP counter against hand counts, and the GEMM replay it feeds."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.flop_count import FlopCount, gemm_operands, time_gemms
+
+
+def test_counts_matmuls_forward_and_backward():
+    x = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    with FlopCount() as count:
+        F.linear(x, w, b).sum().backward()  # forward addmm 6x4x5; backward dx 6x5x4 and dw 5x6x4
+    assert count.gemm_flops == 3 * 2 * 6 * 4 * 5
+    assert sum(count.gemms.values()) == 3 and count.attention_flops == 0
+    calls = [c for _, _, c in gemm_operands(count.gemms)]
+    assert sum(calls) == 3 and time_gemms(gemm_operands(count.gemms)) >= 0
+
+
+def test_counts_fused_causal_attention_as_useful_work():
+    q, k, v = (torch.randn(1, 2, 7, 4, requires_grad=True) for _ in range(3))
+    with FlopCount() as count:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    forward = 2 * 2 * 4 * 7 * 7  # QK^T and PV over the causal half: 2 * (2 * H * d * L * L) / 2
+    assert count.attention_flops == forward * 3  # backward counted as twice the forward
