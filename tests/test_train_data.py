@@ -208,8 +208,8 @@ def test_synthetic_objects_differ_from_their_decoys_only_at_the_designed_scale()
 
 
 def test_synthetic_curriculum_adds_decoys_over_the_stream():
-    """Training (``curriculum=True``): early images hold almost no decoy and a 2-6 patch dot, late ones nearly
-    every decoy; evaluation images hold them all."""
+    """Training (``curriculum=True``): no decoy in the first quarter of the stream (lone tiles 4-8 and dots 2-6
+    patches wide), every decoy in the last quarter, about half in the middle; evaluation images hold them all."""
     from fastnest.train.data_synthetic import PALETTES
 
     def decoys(data, i):
@@ -222,18 +222,18 @@ def test_synthetic_curriculum_adds_decoys_over_the_stream():
 
     n = 400
     train = SyntheticVQA(n, seed=2, turns=4, curriculum=True)
-    early = sum(decoys(train, i) for i in range(40)) / (40 * 3)
-    late = sum(decoys(train, i) for i in range(n - 40, n)) / (40 * 3)
-    assert early < 0.15 and late > 0.85
+    assert all(decoys(train, i) == 0 for i in range(n // 4))
+    assert all(decoys(train, i) == 3 for i in range(3 * n // 4, n))
+    assert 0.3 < sum(decoys(train, i) for i in range(n // 4, 3 * n // 4)) / (n // 2 * 3) < 0.7
     evaluation = SyntheticVQA(40, seed=2, turns=4)
     assert all(decoys(evaluation, i) == 3 for i in range(40))
-    dot_sides = set()
-    for i in range(40):  # lone dots: one square of the dot's pair, 2, 4 or 6 patches wide
-        s = train[i]
-        names = _patch_names(s.image)
-        cells = np.argwhere(np.isin(names, list(PALETTES["fine"])))
-        if len({str(names[tuple(p)]) for p in cells}) == 1:
+    for qtype, sides in (("local", {4, 6, 8}), ("fine", {2, 4, 6})):
+        seen = set()
+        for i in range(60):  # lone objects: one square of one colour of the pair
+            names = _patch_names(train[i].image)
+            cells = np.argwhere(np.isin(names, list(PALETTES[qtype])))
             side = int(np.ptp(cells[:, 0])) + 1
-            assert len(cells) == side * side
-            dot_sides.add(side)
-    assert dot_sides == {2, 4, 6}
+            assert len({str(names[tuple(p)]) for p in cells}) == 1 and len(cells) == side * side
+            assert np.ptp(cells[:, 1]) + 1 == side
+            seen.add(side)
+        assert seen == sides, qtype

@@ -26,14 +26,15 @@ tells them apart (the object's tokens are adjacent, the decoy's are not): the tr
 the block, which does not move the block's granularity (the fewest tokens that answer). The analysis of a trained
 model finds each type's granularity where it was put: 1, 9, 36 and 144 tokens (``DESIGNED_SCALES``).
 
-Training follows a curriculum (``curriculum=True``): the chance that an image holds each decoy rises linearly
-over the run, from none at the first sample to all at the last, and a dot drawn without its decoy is 2, 4 or 6
-patches wide, anywhere in its cell. With every decoy from the start, the tiny model trained from scratch learned
+Training follows a curriculum (``curriculum=True``): images hold no decoy in the first quarter of the run; then
+the chance of each decoy rises linearly to 1 at three quarters (``DECOY_RAMP``), and a tile or dot drawn without
+its decoy is larger (``LONE_SIDES``: 4-8 and 2-6 patches wide), anywhere in its cell. With every decoy from the start, the tiny model trained from scratch learned
 only the block in 2000 steps: while its attention is near uniform, an object and its decoy pull the answer
 equally hard towards their two colours, so nothing starts the lookup. Without the decoy, the pair's one colour
 present is the answer at every scale, which teaches the model where each palette is and what to answer; the
-decoys then teach it to prefer the fullest token. (With a 2-patch dot alone, nothing started the dot's lookup
-either: the larger lone dots do.) Evaluation images always hold every decoy, at the designed sizes.
+decoys then teach it to prefer the fullest token. With the decoys ramping in from the first step and only the dot
+enlarged, one seed of two learned the tile and the dot; with this schedule both seeds checked learned all four.
+Evaluation images always hold every decoy, at the designed sizes.
 
 Sample ``i`` of a split depends only on ``(seed, i)``, so any position in the stream can be regenerated.
 """
@@ -60,7 +61,8 @@ QUESTION_TYPES = ("global", "regional", "local", "fine")
 # The object of each type is one token at this scale, and only there (see the module docstring).
 DESIGNED_SCALES = {"global": 1, "regional": 9, "local": 36, "fine": 144}
 OBJECT_SIDE = {"regional": 8, "local": 4, "fine": 2}  # patches: one token at the designed scale
-LONE_DOT_SIDES = (2, 4, 6)  # patches: a training dot drawn without its decoy (the curriculum)
+LONE_SIDES = {"local": (4, 6, 8), "fine": (2, 4, 6)}  # patches: a training tile / dot without its decoy
+DECOY_RAMP = (0.25, 0.75)  # fractions of the training stream where decoys start to appear and where all have
 
 QUESTIONS = {
     "global": "what colour is the background ?",
@@ -101,8 +103,8 @@ class SyntheticVQA:
 
     ``turns=1``: one question per image, of type ``QUESTION_TYPES[i % 4]`` (evaluation). ``turns>1``: that
     many questions of distinct types in a random order (training: every image is paid for once in the vision
-    tower and at every scale, so asking it several questions is cheap supervision). ``curriculum``: sample ``i``
-    holds each decoy with probability ``i / size`` (training, read in order; see the module docstring).
+    tower and at every scale, so asking it several questions is cheap supervision). ``curriculum``: the decoys
+    come in over the stream as ``DECOY_RAMP`` says (training, read in order; see the module docstring).
     """
 
     def __init__(self, size: int, seed: int = 0, turns: int = 1, curriculum: bool = False) -> None:
@@ -119,8 +121,9 @@ class SyntheticVQA:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
         rng = np.random.default_rng([self.seed, index])
-        # The curriculum: the chance of each decoy rises linearly over the stream, from none to all.
-        scene = Scene.draw(rng, index / self.size if self.curriculum else 1.0)
+        start, full = DECOY_RAMP
+        rate = min(1.0, max(0.0, (index / self.size - start) / (full - start))) if self.curriculum else 1.0
+        scene = Scene.draw(rng, rate)
         if self.turns == 1:
             types = [QUESTION_TYPES[index % len(QUESTION_TYPES)]]
         else:
@@ -148,7 +151,7 @@ class Scene:
     @classmethod
     def draw(cls, rng: np.random.Generator, decoy_rate: float = 1.0) -> Scene:
         """The background, then each object in one colour of its pair and, with probability ``decoy_rate``, its
-        decoy in the other, where ``_layout`` puts them (a dot without its decoy: ``LONE_DOT_SIDES``)."""
+        decoy in the other, where ``_layout`` puts them (a tile or dot without its decoy: ``LONE_SIDES``)."""
         background = str(rng.choice(list(BACKGROUNDS)))
         patches = np.full((GRID, GRID), background, dtype=object)
         answers = {"global": background}
@@ -157,8 +160,8 @@ class Scene:
             side = OBJECT_SIDE[qtype]
             r, c = obj
             with_decoy = rng.random() < decoy_rate
-            if qtype == "fine" and not with_decoy:  # a larger dot anywhere in its 8-patch cell starts the lookup
-                side = int(rng.choice(LONE_DOT_SIDES))
+            if qtype in LONE_SIDES and not with_decoy:  # larger, anywhere in its 8-patch cell: starts the lookup
+                side = int(rng.choice(LONE_SIDES[qtype]))
                 r, c = 8 * (r // 8) + int(rng.integers(0, 9 - side)), 8 * (c // 8) + int(rng.integers(0, 9 - side))
             patches[r : r + side, c : c + side] = colour
             for r, c in decoy if with_decoy else ():
