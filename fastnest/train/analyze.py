@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +84,15 @@ def answer_scores(model, batch: Batch, spec: TokenCounts | None = None) -> tuple
     return (good == total).view(batch.size, num_scales).cpu(), loglik.view(batch.size, num_scales).cpu()
 
 
+def collated_batches(examples, collate: Collator, batch_size: int, bad: BadSamples) -> Iterator[tuple[int, Batch]]:
+    """``(examples read, batch)`` for each ``batch_size`` run of ``examples`` that keeps a usable row."""
+    for first in range(0, len(examples), batch_size):
+        idx = range(first, min(first + batch_size, len(examples)))
+        batch = collate([examples.example(i, bad) for i in idx], bad)
+        if batch is not None:
+            yield len(idx), batch
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -105,16 +114,12 @@ def evaluate(
     model.eval()
     start, rows, types, passes = time.perf_counter(), [], [], 0
     try:
-        for first in range(0, len(examples), batch_size):
-            idx = range(first, min(first + batch_size, len(examples)))
-            batch = collate([examples.example(i, bad) for i in idx], bad)
-            if batch is None:
-                continue
+        for size, batch in collated_batches(examples, collate, batch_size, bad):
             rows.append(score_batch(model, batch, spec))
             types.extend(batch.question_types)
             passes += 1
             if progress is not None:
-                progress(len(idx))
+                progress(size)
     finally:
         model.train(was_training)
     correct = torch.cat(rows) if rows else torch.zeros(0, len(spec.scales), dtype=torch.bool)

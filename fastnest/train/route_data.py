@@ -22,7 +22,7 @@ import torch
 
 from ..constants import IGNORE_INDEX
 from ..hf.route import routing_features
-from .analyze import answer_scores
+from .analyze import answer_scores, collated_batches
 from .data_llava import BadSamples, Collator, SyntheticExamples
 
 ROUTE_TRAIN_SEED = 2_000_003
@@ -151,11 +151,7 @@ def collect(
     parts: dict[str, list] = {k: [] for k in ("correct", "loglik", "features", "confidence", "greedy")}
     types, where = [], []
     try:
-        for first in range(0, len(examples), batch_size):
-            idx = range(first, min(first + batch_size, len(examples)))
-            batch = collate([examples.example(i, bad) for i in idx], bad)
-            if batch is None:
-                continue
+        for size, batch in collated_batches(examples, collate, batch_size, bad):
             prompt, answers = prompts(batch.inputs, pad_id, batch.where)
             correct, loglik = answer_scores(model, batch, spec)
             parts["correct"].append(correct[:, order])
@@ -170,7 +166,7 @@ def collect(
             types.extend(batch.question_types)
             where.extend(batch.where)
             if progress is not None:
-                progress(len(idx))
+                progress(size)
     finally:
         model.train(was_training)
     if not where:
