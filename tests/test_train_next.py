@@ -54,7 +54,7 @@ def test_built_in_next_step_one_loss_is_the_released_objective(run_dir):
     on that step's rows (the synthetic set's first rows), from the initial weights."""
     model, processor = default_next_model_and_processor(seed=0)
     assert model.config.model_type == "llava_next"
-    data = SyntheticExamples(BATCH, seed=0, turns=1).data
+    data = SyntheticExamples(2 * BATCH, seed=0, turns=1, curriculum=True).data  # the 2-step run's training stream
     batch = processor_batch(processor, [data[i] for i in range(BATCH)])
     assert batch["pixel_values"].shape[:2] == (BATCH, 3)  # a square image: the base crop and a 1x2 grid
     with torch.no_grad():
