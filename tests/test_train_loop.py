@@ -67,7 +67,13 @@ def test_default_command_writes_a_loadable_run(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(set(r["scale_losses"]) == {"1", "9", "36", "144", "576"} for r in records)
     assert all(set(r["lr"]) == {"projector", "lm"} for r in records)  # the built-in tower stays frozen
-    assert json.loads((run / "report.json").read_text())["num_samples"] == 4
+    report = json.loads((run / "report.json").read_text())
+    assert report["num_samples"] == 4
+    from fastnest.train.data_synthetic import DESIGNED_SCALES
+
+    designed = {t: g["designed_granularity"] for t, g in report["types"].items()}
+    assert designed == {t: DESIGNED_SCALES[t] for t in report["types"]}  # the built-in set's, beside the measured
+    assert "| granularity: measured (designed) |" in (run / "report.md").read_text()
     model = LlavaForConditionalGeneration.from_pretrained(run / "model")
     fastnest.patch_llava(model, scales=tuple(json.loads((run / "model/fastnest.json").read_text())["scales"]))
     from fastnest.train.model import load_model_and_processor

@@ -315,6 +315,7 @@ def test_built_in_mqt_run_end_to_end(tmp_path):
     assert [int(s) for s in record["scale_losses"]] == counts  # the default: the log-spaced counts, all at once
     report = json.loads((run / "report.json").read_text())
     assert report["scales"] == counts and report["num_samples"] == 4 and "oracle_accuracy" in report["all"]
+    assert not any("designed_granularity" in g for g in report["types"].values())  # pooled scales, not counts
     settings = json.loads((run / "model" / "fastnest.json").read_text())
     assert settings["connector"] == "mqt" and settings["num_queries"] == 144
     assert settings["num_tokens"] == ",".join(map(str, counts))

@@ -208,8 +208,9 @@ def analyze_model(
     designed: dict | None = None,
 ) -> dict:
     """Load a run's model (patched with the given scales, else its saved ones, else the defaults; an MQT-LLaVA
-    with the given token counts, else the log-spaced ones up to M) and summarise it on ``examples``."""
-    from .model import load_patched, read_settings
+    with the given token counts, else the log-spaced ones up to M) and summarise it on ``examples``. ``designed``
+    granularities are pooled scales: an MQT-LLaVA's token counts are reported without them."""
+    from .model import connector_of, load_patched, read_settings
 
     settings = read_settings(model_dir)
     model, processor = load_patched(model_dir, scales)
@@ -226,4 +227,4 @@ def analyze_model(
         progress=progress,
         spec=spec,
     )
-    return summarize(scores, type_order, unanswered, designed)
+    return summarize(scores, type_order, unanswered, designed if connector_of(model) == "pooled" else None)
