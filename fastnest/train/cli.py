@@ -174,6 +174,14 @@ def _run_options(r, d) -> None:
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
 
 
+def _model_dir(text: str):
+    """``--model``: a model directory, or a run directory holding one in model/ (its own config.json is the run's)."""
+    from pathlib import Path
+
+    model_dir = Path(text)
+    return model_dir / "model" if (model_dir / "model" / "config.json").is_file() else model_dir
+
+
 def analyze_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="fastnest analyze")
     p.description = (
@@ -229,9 +237,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .run_analysis import SYNTHETIC_EVAL_SEED
     from .storage import check_output_dir
 
-    model_dir = Path(args.model)
-    if (model_dir / "model" / "config.json").is_file():  # a run directory (its own config.json is the run's)
-        model_dir = model_dir / "model"
+    model_dir = _model_dir(args.model)
     out = Path(args.output_dir) if args.output_dir else model_dir.parent
     check_output_dir(out)  # before the evaluation time is spent
     bad = BadSamples(args.on_bad_sample)
@@ -322,9 +328,7 @@ def run_route(args: argparse.Namespace) -> int:
     from .route_data import ROUTE_HELDOUT_SEED, ROUTE_TRAIN_SEED, split, synthetic_splits
     from .storage import check_output_dir
 
-    model_dir = Path(args.model)
-    if (model_dir / "model" / "config.json").is_file():
-        model_dir = model_dir / "model"
+    model_dir = _model_dir(args.model)
     out = Path(args.output_dir) if args.output_dir else model_dir.parent / "route"
     check_output_dir(out)
     if args.cost_samples < 0:

@@ -48,17 +48,22 @@ def analysis_figure(summary: dict) -> Figure:
             label="oracle: mean tokens, accuracy" if is_all else f"_oracle {name}",
             zorder=3,
         )
-    ax.set_xscale("log")
-    ax.set_xticks(scales, [str(s) for s in scales])
-    ax.minorticks_off()  # the scales are the only meaningful positions
-    ax.set_xlim(scales[0] / 1.6, scales[-1] * 1.6)
+    token_axis(ax, scales, scales[-1], "visual tokens (log scale)")
     ax.set_ylim(-3, 103)
-    ax.set_xlabel("visual tokens (log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(True, color="0.9")
     ax.set_title(f"Accuracy against visual tokens ({summary['num_samples']} samples)")
     fig.legend(loc="outside right upper")
     return fig
+
+
+def token_axis(ax, scales: list[int], right: float, xlabel: str) -> None:
+    """Accuracy (%) against visual tokens on a log axis ticked at ``scales`` only, up to ``right`` tokens."""
+    ax.set_xscale("log")
+    ax.set_xticks(scales, [str(s) for s in scales])
+    ax.minorticks_off()  # the scales are the only meaningful positions
+    ax.set_xlim(scales[0] / 1.6, right * 1.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, color="0.9")
 
 
 def _scale_order(key: str) -> tuple[int, float | str]:

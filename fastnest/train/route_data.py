@@ -144,7 +144,6 @@ def collect(
     order = sorted(range(len(spec.scales)), key=lambda k: spec.scales[k])
     scales = tuple(spec.scales[k] for k in order)
     collate = Collator(processor, spec.tokens_per_image, max_length, system)
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -152,7 +151,7 @@ def collect(
     types, where = [], []
     try:
         for size, batch in collated_batches(examples, collate, batch_size, bad):
-            prompt, answers = prompts(batch.inputs, pad_id, batch.where)
+            prompt, answers = prompts(batch.inputs, collate.pad_id, batch.where)
             correct, loglik = answer_scores(model, batch, spec)
             parts["correct"].append(correct[:, order])
             parts["loglik"].append(loglik[:, order])

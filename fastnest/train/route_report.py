@@ -112,13 +112,8 @@ def figure(cmp: dict) -> Figure:
     )
     ax.plot([o["tokens"]], [100 * o["accuracy"]], figures.ORACLE_MARKER, color="C3", markersize=16, label="oracle")
     scales = cmp["scales"]
-    ax.set_xscale("log")
-    ax.set_xticks(scales, [str(s) for s in scales])
-    ax.minorticks_off()
-    ax.set_xlim(scales[0] / 1.6, max(scales[-1], *[p["tokens"] for p in cmp.get("cascade", [])]) * 1.6)
-    ax.set_xlabel("mean visual tokens per image, every pass counted (log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(True, color="0.9")
+    right = max(scales[-1], *[p["tokens"] for p in cmp.get("cascade", [])])
+    figures.token_axis(ax, scales, right, "mean visual tokens per image, every pass counted (log scale)")
     ax.set_title(f"Held-out accuracy against visual tokens ({cmp['num_samples']} samples)")
     fig.legend(loc="outside right upper")
     return fig
