@@ -27,6 +27,7 @@ import torch
 import fastnest
 from bench.flop_count import FlopCount, gemm_operands, time_gemms
 from fastnest.hf.tiny import tiny_llava
+from fastnest.host_memory import retain_freed_memory
 from tools.batches import IMG, SYSTEM_PROMPT, make_batch, mixed_rows
 from tools.m3_reference import released_m3_loss
 
@@ -131,11 +132,13 @@ def _llava_step(variant: str, vocab: int, workload: str) -> Callable[[], float]:
     return step_fn(variant, model, (build_prefix_batch if workload == "prefix" else build_batch)(model))
 
 
-def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, threads: int) -> None:
+def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, threads: int, retain: bool) -> None:
     torch.set_num_threads(threads)
+    if retain and not retain_freed_memory():
+        raise RuntimeError("retain_memory=True needs glibc (fastnest.host_memory)")
     step = make_step(*args)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # the step was built on the GPU
-    operands = []  # the counted step's GEMMs (bench/flop_count.py), for "gemms"
+    gemms, operands = None, None  # the counted step's GEMM shapes (bench/flop_count.py); operands on first "gemms"
     conn.send("ready")
     while (command := conn.recv()) != "stop":
         if command == "peak":  # memory one step adds at its peak over its inputs (device or resident), its time
@@ -155,9 +158,11 @@ def _serve(conn, make_step: Callable[..., Callable[[], float]], args: tuple, thr
         elif command == "count":  # one step under the FLOP counter: (gemm FLOPs, attention FLOPs, GEMM calls)
             with FlopCount() as count:
                 step()
-            operands = gemm_operands(count.gemms)
+            gemms, operands = count.gemms, None
             conn.send((count.gemm_flops, count.attention_flops, sum(count.gemms.values())))
         elif command == "gemms":  # seconds of the counted step's matrix products alone (torch.mm)
+            # built here, not at the count: only the worker asked holds them (vanilla's are gigabytes)
+            operands = operands or gemm_operands(gemms)
             conn.send(time_gemms(operands))
         elif command == "timed":  # (loss, wall s, this process's CPU s), measured here: no pipe in it
             wall, cpu = time.perf_counter(), time.process_time()
@@ -172,13 +177,17 @@ class Worker:
 
     Each variant gets a fresh allocator: in one process, a variant inherits the heap the previous one left
     (the released loop's 3 GB makes the next variant's page faults vanish), which skews time ratios by 30%+.
+    ``retain_memory``: the worker keeps freed memory mapped (``fastnest.host_memory``, as the fastnest CLI's
+    process does), so steady-state steps page-fault nothing; peaks of added memory then mean nothing.
     ``step()`` costs one pipe round-trip (microseconds) on top of the step.
     """
 
-    def __init__(self, make_step: Callable[..., Callable[[], float]], *args, threads: int = 2) -> None:
+    def __init__(
+        self, make_step: Callable[..., Callable[[], float]], *args, threads: int = 2, retain_memory: bool = False
+    ) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, make_step, args, threads), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, make_step, args, threads, retain_memory), daemon=True)
         self._proc.start()
         self._conn.recv()
 
@@ -220,14 +229,10 @@ class Worker:
 class StepWorker(Worker):
     """One variant's LLaVA training step in its own process."""
 
-    def __init__(self, variant: str, vocab: int = 32000, threads: int = 2, workload: str = "mixed") -> None:
+    def __init__(
+        self, variant: str, vocab: int = 32000, threads: int = 2, workload: str = "mixed", retain_memory: bool = False
+    ) -> None:
         check_variant(variant)
         if workload not in WORKLOADS:
             raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
-        super().__init__(_llava_step, variant, vocab, workload, threads=threads)
-
-    def timed_step(self) -> tuple[float, float, float]:
-        """``(loss, wall seconds, CPU seconds)`` of one step, timed inside the worker. On a shared machine
-        CPU time tracks the work done more steadily than wall time (others' load stretches the latter)."""
-        self._conn.send("timed")
-        return self._conn.recv()
+        super().__init__(_llava_step, variant, vocab, workload, threads=threads, retain_memory=retain_memory)

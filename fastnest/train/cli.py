@@ -38,7 +38,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="fastnest train")
     p.description = (
         "Train a LLaVA model on every Matryoshka scale at once (--connector mqt: an MQT-LLaVA on its token counts). "
-        "Without --model/--data: a tiny model from scratch on the built-in synthetic visual-question set (about 7 "
+        "Without --model/--data: a tiny model from scratch on the built-in synthetic visual-question set (about 5 "
         "minutes on 2 CPU cores), then the granularity analysis."
     )
     _model_and_data_options(p.add_argument_group("model and data"), d)
@@ -403,6 +403,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
+    from ..host_memory import retain_freed_memory
     from .data_llava import BadSampleError
     from .guards import NonFiniteError
     from .plot import plot_parser, run_plot
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # weight loading/saving bars would break fastnest's own progress line
+    retain_freed_memory()  # this process's steps reuse their freed host memory instead of page-faulting it in
     parser = argparse.ArgumentParser(prog="fastnest", description="Matryoshka multimodal training and analysis")
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(

@@ -167,4 +167,4 @@ def _at_least(name: str, value: int, low: int) -> None:
         raise ValueError(f"{_flag(name)} must be {allowed}, got {value}")
 
 
-DEFAULT_STEPS = 2000  # the built-in run: about 7 minutes on 2 CPU cores
+DEFAULT_STEPS = 2000  # the built-in run: about 5 minutes on 2 CPU cores
