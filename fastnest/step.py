@@ -36,8 +36,11 @@ class StepModel(Protocol):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[n] -> [n, D]`` token embeddings, on the language model's device."""
 
-    def language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo) -> torch.Tensor:
-        """``[T, D] -> [T, D]``: the decoder over the packed sequence, its attention by ``info``."""
+    def language_model(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``[T, D] -> [R, D]``: the decoder over the packed sequence, its attention by ``info``; the final hidden
+        states at the packed positions ``rows`` (the only ones read: a decoder may skip work at the others)."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,8 @@ def packed_step(
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else source.dtype
     backend = resolve_backend("attention", device, attention, dtype=dtype, backward=torch.is_grad_enabled())
     info = VarlenInfo.from_packed(packed, device, backend)
-    hidden = model.language_model(source[packed.source_index], packed.position_ids, info)
-    return StepOutput(hidden=hidden[packed.logit_index], plan=plan, packed=packed, attention=backend)
+    hidden = model.language_model(source[packed.source_index], packed.position_ids, info, packed.logit_index)
+    return StepOutput(hidden=hidden, plan=plan, packed=packed, attention=backend)
 
 
 def step_loss(

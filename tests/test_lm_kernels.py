@@ -40,9 +40,9 @@ def fused_calls(monkeypatch) -> list[str]:
     """The kernels every fused layer call ran with (a spy on the module's fused forward)."""
     seen, fused = [], lm_kernels._fused_forward
 
-    def spy(layer, hidden, cos, sin, info, ops):
+    def spy(layer, hidden, cos, sin, info, ops, rows=None):
         seen.append(ops)
-        return fused(layer, hidden, cos, sin, info, ops)
+        return fused(layer, hidden, cos, sin, info, ops, rows)
 
     monkeypatch.setattr(lm_kernels, "_fused_forward", spy)
     return seen
@@ -65,6 +65,40 @@ def test_native_matches_released_loop(kv_heads, share_prefix, monkeypatch):
     torch.testing.assert_close(out.scale_losses, ref_scales.detach(), rtol=1e-5, atol=0)
     out.loss.backward()
     assert_grads_match(ref, fast)
+
+
+@NATIVE
+def test_the_last_layer_runs_past_its_attention_only_at_the_labelled_positions():
+    ref = build()
+    batch = make_batch(ref, [list(r) for r in ROWS[:2]])
+    fast = fastnest.patch_llava(copy.deepcopy(ref), scales=SCALES, lm_kernels="native")
+    layers = fast.model.language_model.layers
+    seen = {}
+
+    def rows_in(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].shape[0])  # the first (forward) call's input rows
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(rows_in(name))
+        for name, module in (
+            ("first v_proj", layers[0].self_attn.v_proj),
+            ("first down_proj", layers[0].mlp.down_proj),
+            ("last v_proj", layers[-1].self_attn.v_proj),
+            ("last down_proj", layers[-1].mlp.down_proj),
+        )
+    ]
+    out = fast(**batch.inputs())
+    for hook in hooks:
+        hook.remove()
+    targets = int((batch.inputs()["labels"][:, 1:] != -100).sum()) * len(SCALES)  # each target at every scale
+    packed = seen["first v_proj"]
+    assert seen["first down_proj"] == seen["last v_proj"] == packed  # keys and values at every position
+    assert seen["last down_proj"] == targets < packed
+    unfused = fastnest.patch_llava(copy.deepcopy(ref), scales=SCALES, lm_kernels="torch")
+    torch.testing.assert_close(out.loss, unfused(**batch.inputs()).loss, rtol=1e-5, atol=0)
 
 
 @NATIVE

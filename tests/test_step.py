@@ -51,8 +51,8 @@ class Bound:
     def embed(self, ids):
         return self.lm.embed(ids)
 
-    def language_model(self, embeds, position_ids, info):
-        return self.lm.block(embeds, position_ids, lambda q, k, v: varlen_attention(q, k, v, info))
+    def language_model(self, embeds, position_ids, info, rows):
+        return self.lm.block(embeds, position_ids, lambda q, k, v: varlen_attention(q, k, v, info))[rows]
 
 
 def reference_loss(lm: TinyLM, rows, pixels, specs):

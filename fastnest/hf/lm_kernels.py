@@ -6,6 +6,10 @@ norms, its MLP's ``act_fn(gate) * up`` and ``apply_rotary_pos_emb`` (the project
 fastnest's varlen attention stay as they are): ``"native"``, fastnest._C's kernels (CPU); ``"liger"``,
 Liger-Kernel's Triton kernels (CUDA, optional dependency), called as functions on this model's tensors (nothing
 of Liger's patches classes or modules). Every other call, and ``"torch"``, runs the layer's own forward.
+
+The last layer computes only the positions whose final hidden states are read, the ``fastnest_rows`` kwarg,
+after its attention. Keys and values still cover every position. Those rows are where the loss or the analysis
+takes logits. On the bench step this removes 16.8 of its 209.1 GFLOP.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..dispatch import check_backend, resolve_backend
 from ..ops.decoder import function as decoder_ops
 
 KERNELS_KWARG = "fastnest_lm_kernels"
+ROWS_KWARG = "fastnest_rows"  # the packed positions whose final hidden states are read (the last layer's rows)
 VARLEN_KWARG = "fastnest_varlen"  # fastnest.hf.attention's (that module imports this one)
 # the Hugging Face classes whose forward the fused layer restates (Llama's decoder layer and its parts)
 LAYER_CLASSES = {
@@ -114,8 +119,12 @@ def resolve(language_model: torch.nn.Module, choice: str, device: torch.device) 
     return resolve_backend("lm_kernels", device, choice)
 
 
-def _fused_forward(layer, hidden: torch.Tensor, cos, sin, info: VarlenInfo, ops: _Ops) -> torch.Tensor:
-    """Llama's decoder layer over the packed ``[1, T, D]`` hidden states, the fused ops in place of its own."""
+def _fused_forward(
+    layer, hidden: torch.Tensor, cos, sin, info: VarlenInfo, ops: _Ops, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Llama's decoder layer over the packed ``[1, T, D]`` hidden states, the fused ops in place of its own.
+    ``rows`` (the last layer): only those positions go on past the attention, whose keys and values need every
+    position; nothing after this layer reads the others, so ``[1, R, D]`` comes out."""
     x = hidden[0]
     tokens = x.shape[0]
     attn, mlp = layer.self_attn, layer.mlp
@@ -124,19 +133,21 @@ def _fused_forward(layer, hidden: torch.Tensor, cos, sin, info: VarlenInfo, ops:
     q, k = ops.rotary(q, k, cos[0], sin[0])
     dropout = attn.attention_dropout if attn.training else 0.0
     out = varlen_attention(q, k, v, info, scale=attn.scaling, dropout=dropout)
-    x = x + attn.o_proj(out.reshape(tokens, -1))
+    if rows is not None:
+        out, x = out.index_select(0, rows), x.index_select(0, rows)
+    x = x + attn.o_proj(out.reshape(x.shape[0], -1))
     h = ops.rms_norm(x, layer.post_attention_layernorm)
     return (x + mlp.down_proj(ops.swiglu(mlp.gate_proj(h), mlp.up_proj(h))))[None]
 
 
-def _layer_forward(self, hidden_states, *args, **kwargs):
-    kernels = kwargs.pop(KERNELS_KWARG, None)
+def _layer_forward(self, hidden_states, *args, last: bool = False, **kwargs):
+    kernels, rows = kwargs.pop(KERNELS_KWARG, None), kwargs.pop(ROWS_KWARG, None)
     if kernels in (None, "torch"):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     info, embeddings = kwargs.get(VARLEN_KWARG), kwargs.get("position_embeddings")
     if info is None or embeddings is None:
         raise ValueError("the fused decoder layer runs packed calls only (varlen info and position embeddings)")
-    run = functools.partial(_fused_forward, self, info=info, ops=_OPS[kernels]())
+    run = functools.partial(_fused_forward, self, info=info, ops=_OPS[kernels](), rows=rows if last else None)
     if _checkpoints_class_forward(self):
         return self._gradient_checkpointing_func(run, hidden_states, *embeddings)
     return run(hidden_states, *embeddings)
@@ -155,8 +166,9 @@ def _checkpoints_class_forward(layer: torch.nn.Module) -> bool:
 
 
 def route(language_model: torch.nn.Module) -> None:
-    for layer in _layers(language_model):
-        layer.forward = types.MethodType(_layer_forward, layer)
+    layers = _layers(language_model)
+    for i, layer in enumerate(layers):
+        layer.forward = types.MethodType(functools.partial(_layer_forward, last=i == len(layers) - 1), layer)
 
 
 def unroute(language_model: torch.nn.Module) -> None:

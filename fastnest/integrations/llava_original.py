@@ -240,8 +240,10 @@ class _Bound:
         embed = self.model.get_model().embed_tokens
         return embed(input_ids.to(embed.weight.device, non_blocking=True))
 
-    def language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, info) -> torch.Tensor:
-        return packed_decoder(self.model.get_model(), embeds, position_ids, info)
+    def language_model(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, info, rows: torch.Tensor
+    ) -> torch.Tensor:
+        return packed_decoder(self.model.get_model(), embeds, position_ids, info)[rows]
 
 
 def spliced_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images) -> torch.Tensor | None:
