@@ -7,9 +7,9 @@ fastnest CLI's process; fastnest/host_memory.py says why). First one
 step of each under ``bench.flop_count.FlopCount`` (FLOPs by a dispatch hook: GEMMs 2·M·K·N, fused attention
 as its causal useful work; the module says how). Then rounds, alternated so the machine's drift cancels in the
 ratios: the fastnest step's GEMMs alone (``torch.mm`` at the step's own shapes, layouts and counts, in the
-fastnest worker: the GEMM rate), then two back-to-back steps of each variant, the second timed. Per round: achieved GFLOP/s = the step's FLOPs
-/ its wall time, its share of that round's GEMM rate, and the time ratios; the medians over rounds and the
-targets at the end.
+fastnest worker: the GEMM rate), then two back-to-back steps of each variant, the second timed. Per round:
+achieved GFLOP/s = the step's FLOPs / its wall time, its share of that round's GEMM rate, and the time ratios;
+the medians over rounds and the targets at the end.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 glibc returns large freed blocks to the kernel: each block above its mmap threshold (dynamic, 128 KiB to start)
 and the heap's free top above its trim threshold. A training step frees most of its activations in the backward,
 so each step faults them back in, page by page and zero-filled. Raising both thresholds keeps the freed pages
-mapped for the next step. The built-in 2000-step run took 0.83x the wall time on the 2-core machine. This is the effect of the jemalloc or tcmalloc preload that CPU training guides recommend. Results are
-unchanged. The resident set stays at its peak instead of shrinking between steps.
+mapped for the next step: the built-in 2000-step run took 0.83x the wall time on the 2-core machine. This is the
+effect of the jemalloc or tcmalloc preload that CPU training guides recommend. Results are unchanged. The
+resident set stays at its peak instead of shrinking between steps.
 """
 
 from __future__ import annotations
