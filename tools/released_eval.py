@@ -41,6 +41,7 @@ def released_evaluate(
 ) -> torch.Tensor:
     """bool ``[samples, scales]`` over ``examples`` (``__len__`` + ``example(i, bad)``), batched as
     ``evaluate`` batches them (same collator, same order)."""
+    from fastnest.train.analyze import collated_batches
     from fastnest.train.data_llava import Collator
 
     vision = model.config.vision_config
@@ -49,11 +50,8 @@ def released_evaluate(
     model.eval()
     rows = []
     try:
-        for first in range(0, len(examples), batch_size):
-            idx = range(first, min(first + batch_size, len(examples)))
-            batch = collate([examples.example(i, bad) for i in idx], bad)
-            if batch is not None:
-                rows.append(released_correct(model, **batch.inputs, scales=scales))
+        for _, batch in collated_batches(examples, collate, batch_size, bad):
+            rows.append(released_correct(model, **batch.inputs, scales=scales))
     finally:
         model.train(was_training)
     return torch.cat(rows) if rows else torch.zeros(0, len(scales), dtype=torch.bool)
