@@ -26,15 +26,15 @@ tells them apart (the object's tokens are adjacent, the decoy's are not): the tr
 the block, which does not move the block's granularity (the fewest tokens that answer). The analysis of a trained
 model finds each type's granularity where it was put: 1, 9, 36 and 144 tokens (``DESIGNED_SCALES``).
 
-Training follows a curriculum (``curriculum=True``): images hold no decoy in the first quarter of the run; then
-the chance of each decoy rises linearly to 1 at three quarters (``DECOY_RAMP``), and a tile or dot drawn without
-its decoy is larger (``LONE_SIDES``: 4-8 and 2-6 patches wide), anywhere in its cell. With every decoy from the start, the tiny model trained from scratch learned
-only the block in 2000 steps: while its attention is near uniform, an object and its decoy pull the answer
-equally hard towards their two colours, so nothing starts the lookup. Without the decoy, the pair's one colour
-present is the answer at every scale, which teaches the model where each palette is and what to answer; the
-decoys then teach it to prefer the fullest token. With the decoys ramping in from the first step and only the dot
-enlarged, one seed of two learned the tile and the dot; with this schedule both seeds checked learned all four.
-Evaluation images always hold every decoy, at the designed sizes.
+Training follows a curriculum (``curriculum=True``): images hold no decoy in the first quarter of the run; then the
+chance of each decoy rises linearly to 1 at three quarters (``DECOY_RAMP``), and a tile or dot drawn without its
+decoy is larger (``LONE_SIDES``: 4-8 and 2-6 patches wide), anywhere in its cell. With every decoy from the start,
+the tiny model trained from scratch learned only the block in 2000 steps: while its attention is near uniform, an
+object and its decoy pull the answer equally hard towards their two colours, so nothing starts the lookup. Without
+the decoy, the pair's one colour present is the answer at every scale, which teaches the model where each palette is
+and what to answer; the decoys then teach it to prefer the fullest token. With the decoys ramping in from the first
+step and only the dot enlarged, one seed of two learned the tile and the dot; with this schedule both seeds checked
+learned all four. Evaluation images always hold every decoy, at the designed sizes.
 
 Sample ``i`` of a split depends only on ``(seed, i)``, so any position in the stream can be regenerated.
 """
@@ -131,15 +131,17 @@ class SyntheticVQA:
         return SyntheticSample(scene.render(), tuple((t, QUESTIONS[t], scene.answers[t]) for t in types))
 
 
+def _quarter(rng: np.random.Generator, corner: tuple[int, int], side: int) -> tuple[int, int]:
+    """The top-left patch of a random ``side``-square quarter of the ``2 * side`` square at ``corner``."""
+    return corner[0] + side * int(rng.integers(2)), corner[1] + side * int(rng.integers(2))
+
+
 def _pieces(rng: np.random.Generator, corner: tuple[int, int], side: int) -> list[tuple[int, int]]:
     """The decoy of an object of ``side`` patches: four squares of ``side // 2``, one at a random place in each
     ``side``-square quarter of the ``2 * side`` square at ``corner`` (one per token of the object's scale, all
     inside one token of the next coarser scale)."""
-    half = side // 2
     return [
-        (corner[0] + qr * side + half * int(rng.integers(2)), corner[1] + qc * side + half * int(rng.integers(2)))
-        for qr in range(2)
-        for qc in range(2)
+        _quarter(rng, (corner[0] + qr * side, corner[1] + qc * side), side // 2) for qr in range(2) for qc in range(2)
     ]
 
 
@@ -186,12 +188,8 @@ def _layout(rng: np.random.Generator) -> dict[str, tuple[tuple[int, int], list[t
     cells = [divmod(int(i), 3) for i in rng.permutation(9)]
     at = lambda cell: (8 * cell[0], 8 * cell[1])  # noqa: E731
     block, decoy_cells, tile_decoy, tile_cell = cells[0], cells[1:5], cells[5], cells[6]
-    quarter = lambda corner, side: (  # noqa: E731
-        corner[0] + side * int(rng.integers(2)),
-        corner[1] + side * int(rng.integers(2)),
-    )
-    block_decoy = [quarter(at(cell), 4) for cell in decoy_cells]
-    tile = quarter(at(tile_cell), 4)
+    block_decoy = [_quarter(rng, at(cell), 4) for cell in decoy_cells]
+    tile = _quarter(rng, at(tile_cell), 4)
     # The dot and its decoy share an 8-patch cell of their own, so that at 9 tokens they are one token and at 1
     # they sit beside the same things.
     quarters = [(8 * cells[7][0] + 4 * (q // 2), 8 * cells[7][1] + 4 * (q % 2)) for q in rng.permutation(4)[:2]]
@@ -199,5 +197,5 @@ def _layout(rng: np.random.Generator) -> dict[str, tuple[tuple[int, int], list[t
     return {
         "regional": (at(block), block_decoy),
         "local": (tile, _pieces(rng, at(tile_decoy), 4)),
-        "fine": (quarter(dot_cell, 2), _pieces(rng, dot_decoy_cell, 2)),
+        "fine": (_quarter(rng, dot_cell, 2), _pieces(rng, dot_decoy_cell, 2)),
     }
