@@ -1,10 +1,10 @@
 """The FLOPs of one training step, counted by a dispatch hook, and the GEMM sequence it ran (for the GEMM rate).
 
-Counted (forward and backward, every aten call under the mode): matrix products ``mm``/``addmm`` as
-``2·M·K·N`` and ``bmm``/``baddbmm`` as ``2·B·M·K·N``; fused attention (``_scaled_dot_product_flash_attention_for_cpu``
-and its backward) as the causal useful work: forward ``2·H·d·Lq·Lk`` (QKᵀ and PV over the causal half of the
-``Lq × Lk`` scores, ``2·(2·H·d·Lq·Lk)/2``), backward twice that (dV, dP, dQ, dK; the recomputed scores not
-counted). Elementwise work is not counted.
+Counted (forward and backward, every aten call under the mode): matrix products ``mm``/``addmm`` as ``2·M·K·N`` and
+``bmm``/``baddbmm`` as ``2·B·M·K·N``; fused attention (``_scaled_dot_product_flash_attention_for_cpu`` and its
+backward) as the causal useful work: forward ``2·H·d·Lq·Lk`` (QKᵀ and PV over the causal half of the ``Lq × Lk``
+scores, ``2·(2·H·d·Lq·Lk)/2``), backward twice that (dV, dP, dQ, dK; the recomputed scores not counted). Elementwise
+work is not counted.
 """
 
 from __future__ import annotations

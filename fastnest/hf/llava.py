@@ -196,8 +196,9 @@ def pooled_state(
     lm_kernels: str = "auto",
 ) -> PatchState:
     """The patch state of a pooled-grid family (LLaVA, LLaVA-NeXT), its options checked: a ValueError or
-    TypeError naming a bad scale set, kernel backend, attention backend, sampling or lm_kernels; a warning for flex without
-    CUDA. ``scales=None``: the ones ``fastnest convert`` stored in ``config.fastnest``, else the defaults."""
+    TypeError naming a bad scale set, kernel backend, attention backend, sampling or lm_kernels; a warning for
+    flex without CUDA. ``scales=None``: the ones ``fastnest convert`` stored in ``config.fastnest``, else the
+    defaults."""
     if scales is None:
         scales = stored_setting(model, "scales", DEFAULT_SCALES)
     if isinstance(scales, (int, str, bytes)) or not hasattr(scales, "__iter__"):

@@ -195,9 +195,9 @@ def patch_llava_next(
 
     As :func:`fastnest.patch_llava` (the same ``scales`` — default: the ones stored in ``config.fastnest`` by
     ``fastnest convert``, else (1, 9, 36, 144, 576) —, ``attention``, ``share_prefix``, ``backend``,
-    ``sampling``, ``seed``, ``lm_kernels``, training loss and ``scale=`` inference), for ``LlavaNextProcessor`` inputs (each image's placeholder run at
-    full scale, ``pixel_values [images, crops, 3, H, W]``, ``image_sizes``). At scale ``s`` an image is
-    ``s + R·(C + 1)`` tokens: its base crop pooled to ``s``, then the grid crops each pooled to ``s``, stitched
+    ``sampling``, ``seed``, ``lm_kernels``, training loss and ``scale=`` inference), for ``LlavaNextProcessor``
+    inputs (each image's placeholder run at full scale, ``pixel_values [images, crops, 3, H, W]``,
+    ``image_sizes``). At scale ``s`` an image is ``s + R·(C + 1)`` tokens: its base crop pooled to ``s``, then the grid crops each pooled to ``s``, stitched
     and unpadded to the image's aspect ratio at that pooled resolution, one ``image_newline`` per map row (the
     released M3 LLaVA-NeXT). ``unpad``: "hf" rounds the unpadded extent as Hugging Face does (the counts
     ``LlavaNextProcessor`` writes at full scale); "released" truncates as the released code does, which for

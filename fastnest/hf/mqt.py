@@ -102,8 +102,8 @@ def patch_mqt_llava(
     is initialised); ``("random", k)`` k distinct counts per step from
     that set, trained together. Stage 1 is ``num_tokens=(M,)``. Inference: ``model(..., scale=m)`` /
     ``generate(..., scale=m)`` for any ``1 <= m <= M`` (one, or one per image; default M). ``attention``,
-    ``share_prefix``, ``backend``, ``lm_kernels``: as for ``patch_llava`` (the backend serves the fused loss). ``num_tokens``
-    defaults to the one stored in ``config.fastnest`` (``fastnest convert``), else ``"released"``.
+    ``share_prefix``, ``backend``, ``lm_kernels``: as for ``patch_llava`` (the backend serves the fused loss).
+    ``num_tokens`` defaults to the one stored in ``config.fastnest`` (``fastnest convert``), else ``"released"``.
     """
     if not isinstance(model, MQTLlavaForConditionalGeneration):
         raise TypeError(f"patch_mqt_llava expects an MQTLlavaForConditionalGeneration, got {type(model).__name__}")

@@ -159,8 +159,8 @@ def _run_options(r, d) -> None:
         type=_parts,
         default=(),
         help="comma-separated options allowed to differ from the checkpoint's on --resume (steps, lr, lr-vision, "
-        "lr-projector, lr-lm, weight-decay, warmup-steps, max-grad-norm, max-length, model, image-folder, bf16, fp16, dtype); "
-        "recorded in the run",
+        "lr-projector, lr-lm, weight-decay, warmup-steps, max-grad-norm, max-length, model, image-folder, bf16, fp16, "
+        "dtype); recorded in the run",
     )
     r.add_argument(
         "--strategy",

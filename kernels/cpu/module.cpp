@@ -335,7 +335,9 @@ PyMethodDef methods[] = {
 
 PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fastnest._C",
-    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy, RMSNorm, SwiGLU, rotary); see fastnest/ops/*/native.py.", -1,
+    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy, RMSNorm, SwiGLU, rotary); "
+    "see fastnest/ops/*/native.py.",
+    -1,
     methods, nullptr, nullptr, nullptr, nullptr,
 };
 
