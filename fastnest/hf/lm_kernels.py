@@ -46,6 +46,7 @@ class _Ops:
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+@functools.cache  # built once: each packed call of each layer asks for its ops
 def _native_ops() -> _Ops:
     return _Ops(
         rms_norm=lambda x, norm: decoder_ops.rms_norm(x, norm.weight, norm.variance_epsilon),
@@ -54,6 +55,7 @@ def _native_ops() -> _Ops:
     )
 
 
+@functools.cache
 def _liger_ops() -> _Ops:
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.rope import LigerRopeFunction
