@@ -169,6 +169,36 @@ def test_auto_forward_and_generate_equal_the_chosen_scales(tmp_path):
     assert means == sorted(means)
 
 
+def test_auto_runs_the_tower_once_where_no_graph_is_recorded(tmp_path):
+    processor = tiny_processor()
+    batch = _batch(processor)
+    _, model, router = _routed_model(processor, batch)
+    fastnest.load_router(model, save_router(router, tmp_path, {}))
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+
+    def towers(fn):
+        calls.clear()
+        out = fn()
+        return len(calls), out
+
+    chosen = fastnest.route_scales(model, **batch.inputs, budget=0.5)
+    with torch.no_grad():
+        n, auto = towers(lambda: model(**batch.inputs, scale="auto", budget=0.5))
+        assert n == 1  # the routing pass's tower outputs serve the chosen-scale pass
+        assert torch.equal(auto.logits, model(**batch.inputs, scale=chosen).logits)
+        assert towers(lambda: (model(**batch.inputs, scale="auto"), model(**batch.inputs, scale="auto")))[0] == 2
+    assert towers(lambda: model(**batch.inputs, scale="auto", budget=0.5))[0] == 2  # grad on: the pass's own tower
+    from fastnest.train.route_data import prompts
+
+    prompt, _ = prompts(batch.inputs, pad_id=0)
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    n, auto = towers(lambda: model.generate(**prompt, scale="auto", budget=0.5, **options))
+    assert n == 1
+    chosen = fastnest.route_scales(model, **prompt, budget=0.5)
+    assert torch.equal(auto, model.generate(**prompt, scale=chosen, **options))
+
+
 def test_auto_loads_the_router_saved_beside_the_model(tmp_path):
     from transformers import LlavaForConditionalGeneration
 

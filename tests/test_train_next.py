@@ -118,6 +118,14 @@ def test_model_dir_of_a_next_checkpoint_trains_and_arch_must_agree(run_dir, tmp_
     assert "--arch llava-next is an option of --connector pooled" in capsys.readouterr().err
 
 
+def test_resume_keeps_the_arch(run_dir, capsys):
+    """--arch is part of the run's trajectory: resuming the NeXT run without it is refused, naming it."""
+    argv = ["train", "--output-dir", str(run_dir), "--steps", "2", "--batch-size", str(BATCH), "--synthetic-turns", "1"]
+    argv += ["--scales", ",".join(map(str, SCALES)), "--device", "cpu", "--no-progress", "--no-analyze"]
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert "--arch: checkpoint 'llava-next', now None" in capsys.readouterr().err
+
+
 def test_dummy_row_keeps_image_sizes_and_changes_nothing():
     """A text-only micro-batch plus the NeXT dummy row (DDP/FSDP2): the dummy's crops and image_sizes reach the
     model, which runs them (tower and image_newline get gradients) without changing the loss or a gradient."""

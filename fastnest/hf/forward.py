@@ -117,7 +117,19 @@ def _check_training_inputs(model, scale, kwargs: dict) -> None:
         raise ValueError(f"scale={scale} is for inference; training runs the token counts the model was patched with")
 
 
-def patched_forward(
+def patched_forward(self, *args, scale=None, **kwargs):
+    if _routed(self, scale):
+        with inference.one_tower_pass():
+            return _forward(self, *args, scale=scale, **kwargs)
+    return _forward(self, *args, scale=scale, **kwargs)
+
+
+def _routed(model, scale) -> bool:
+    """A ``scale="auto"`` call of this model's own (the routing pass inside it is not one)."""
+    return isinstance(scale, str) and scale == auto.AUTO and not inference.active(model)
+
+
+def _forward(
     self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, scale=None, budget=None, **kwargs
 ):
     own = type(self).forward
@@ -172,7 +184,14 @@ def _follow_shortening(kwargs: dict, shrunk: dict) -> None:
         kwargs["cache_position"] = torch.arange(width, device=cache_position.device) + cache_position[0]
 
 
-def patched_generate(self, inputs=None, *args, scale=None, budget=None, **kwargs):
+def patched_generate(self, *args, scale=None, **kwargs):
+    if _routed(self, scale):
+        with inference.one_tower_pass():
+            return _generate(self, *args, scale=scale, **kwargs)
+    return _generate(self, *args, scale=scale, **kwargs)
+
+
+def _generate(self, inputs=None, *args, scale=None, budget=None, **kwargs):
     own = type(self).generate
     if inference.active(self):
         return own(self, inputs, *args, **kwargs)

@@ -32,6 +32,8 @@ class _Call:
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("fastnest_call", default=None)
+# Inside one scale="auto" call: the last tower pass, [model, pixel_values, its version, the options' key, outputs]
+_TOWER: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastnest_tower", default=None)
 
 
 def active(model: nn.Module) -> bool:
@@ -47,6 +49,36 @@ def calling(model: nn.Module, scales: Sequence[int]) -> Iterator[None]:
         yield
     finally:
         _CALL.reset(token)
+
+
+@contextlib.contextmanager
+def one_tower_pass() -> Iterator[None]:
+    """A ``scale="auto"`` call: its routing pass and its chosen-scale pass see the same images, so the second
+    reuses the first's tower outputs when it records no graph (grad off, the model in eval mode); pooling and
+    the connector run per pass, at each pass's scales. Any other images, options or an in-place change to
+    ``pixel_values`` run the tower again."""
+    token = _TOWER.set([])
+    try:
+        yield
+    finally:
+        _TOWER.reset(token)
+
+
+def _tower_outputs(model: nn.Module, pixel_values: torch.Tensor, layer, strategy, image_sizes, options: dict):
+    """The adapter's ``vision_outputs``, reused within :func:`one_tower_pass`."""
+    state, seen = patch_state(model), _TOWER.get()
+    if seen is None or model.training or torch.is_grad_enabled():
+        return state.adapter.vision_outputs(model, pixel_values, layer, strategy, image_sizes=image_sizes, **options)
+    key = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in (layer, strategy, image_sizes))
+    # use_cache comes with the language model's kwargs (the routing pass sets it) and means nothing to a tower
+    mine = {k: v for k, v in options.items() if k != "use_cache"}
+    key += tuple(sorted((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in mine.items()))
+    # the model too: another patched model called inside this call (an assistant) has its own tower
+    if seen and seen[0] is model and seen[1] is pixel_values and seen[2:4] == [pixel_values._version, key]:
+        return seen[4]
+    result = state.adapter.vision_outputs(model, pixel_values, layer, strategy, image_sizes=image_sizes, **options)
+    seen[:] = [model, pixel_values, pixel_values._version, key, result]
+    return result
 
 
 def image_scales(state: PatchState, scale: int | Sequence[int] | None, num_images: int) -> list[int]:
@@ -186,9 +218,7 @@ def image_features(inner: nn.Module, *args, **kwargs):
             raise ValueError(f"{count} images reached the model for {len(scales)} scales")
         scales = [s for s in scales for _ in range(repeat)]
     options.pop("return_dict", None)
-    outputs, feats = state.adapter.vision_outputs(
-        model, pixel_values, layer, strategy, image_sizes=image_sizes, **options
-    )
+    outputs, feats = _tower_outputs(model, pixel_values, layer, strategy, image_sizes, options)
     pooled = state.adapter.scaled_features(model, feats, scales, state.spec, state.backend, pixel_values, image_sizes)
     return BaseModelOutputWithPooling(
         last_hidden_state=outputs.last_hidden_state,

@@ -41,12 +41,14 @@ ADDED_LATER = {
     "num_tokens": None,
     "num_queries": None,
     "query_keys": None,
+    "arch": None,
 }
 # Never: another data order, another model definition or other optimizer groups.
 FIXED = (
     "data",
     "data_sha256",
     "connector",
+    "arch",
     "scales",
     "scale_sampling",
     "num_tokens",
