@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 
@@ -13,6 +14,7 @@ import fastnest
 from fastnest.hf.route import FitOptions, Router, choose, fit_router, read_router, routing_features, save_router
 from fastnest.hf.route.auto import images_per_row
 from fastnest.train.data_llava import BadSamples, Collator, Example, SyntheticExamples
+from fastnest.train.model import default_mqt_model_and_processor, default_next_model_and_processor
 from tests.train_helpers import TINY_SCALES, tiny_model, tiny_processor
 from tools.m3_reference import scaled_rows
 
@@ -197,6 +199,43 @@ def test_auto_runs_the_tower_once_where_no_graph_is_recorded(tmp_path):
     assert n == 1
     chosen = fastnest.route_scales(model, **prompt, budget=0.5)
     assert torch.equal(auto, model.generate(**prompt, scale=chosen, **options))
+
+
+@pytest.mark.parametrize("family", ["llava-next", "mqt"])
+def test_auto_on_the_other_families(family, tmp_path):
+    """LLaVA-NeXT (anyres crops, image_sizes) and MQT-LLaVA (query counts as scales): the rows of one batch routed
+    to different scales, forward and generate equal to the same calls at those scales, one tower pass each."""
+    if family == "llava-next":
+        model, processor = default_next_model_and_processor(seed=1)
+        model = fastnest.patch(model, scales=(1, 9, 144)).eval()
+    else:
+        model, processor = default_mqt_model_and_processor(1, 16, "positional")
+        model = fastnest.patch(model, num_tokens=(2, 4, 16)).eval()
+    spec = fastnest.patch_state(model).training_spec()
+    examples, bad = SyntheticExamples(4, seed=11, turns=1), BadSamples("fail")
+    batch = Collator(processor, spec.tokens_per_image, 4096, "A chat")(
+        [examples.example(i, bad) for i in range(4)], bad
+    )
+    features = routing_features(model, **batch.inputs, scale=spec.scales[0])
+    want = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    fastnest.load_router(
+        model, save_router(fit_router(features, want, spec.scales, FitOptions(steps=400)), tmp_path, {})
+    )
+    calls = []
+    fastnest.patch_state(model).adapter.vision_tower(model).register_forward_hook(lambda *_: calls.append(1))
+    from fastnest.train.route_data import prompts
+
+    prompt, _ = prompts(batch.inputs, pad_id=0)
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        for inputs, call in ((batch.inputs, model), (prompt, functools.partial(model.generate, **options))):
+            chosen = fastnest.route_scales(model, **inputs, budget=0.5)
+            assert len(set(chosen)) > 1
+            calls.clear()
+            auto = call(**inputs, scale="auto", budget=0.5)
+            assert len(calls) == 1
+            fixed = call(**inputs, scale=chosen)
+            assert torch.equal(*(o if isinstance(o, torch.Tensor) else o.logits for o in (auto, fixed)))
 
 
 def test_auto_loads_the_router_saved_beside_the_model(tmp_path):

@@ -69,6 +69,10 @@ def _tower_outputs(model: nn.Module, pixel_values: torch.Tensor, layer, strategy
     state, seen = patch_state(model), _TOWER.get()
     if seen is None or model.training or torch.is_grad_enabled():
         return state.adapter.vision_outputs(model, pixel_values, layer, strategy, image_sizes=image_sizes, **options)
+    # None is the config's layer / strategy (LLaVA-NeXT's generate passes None, its forward the config's values)
+    config = model.config
+    layer = getattr(config, "vision_feature_layer", None) if layer is None else layer
+    strategy = getattr(config, "vision_feature_select_strategy", None) if strategy is None else strategy
     key = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in (layer, strategy, image_sizes))
     # use_cache comes with the language model's kwargs (the routing pass sets it) and means nothing to a tower
     mine = {k: v for k, v in options.items() if k != "use_cache"}
