@@ -7,6 +7,8 @@ Face's own forward/generate at the shorter sequence (``fastnest.hf.inference``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.profiler import record_function
 
@@ -118,15 +120,15 @@ def _check_training_inputs(model, scale, kwargs: dict) -> None:
 
 
 def patched_forward(self, *args, scale=None, **kwargs):
-    if _routed(self, scale):
-        with inference.one_tower_pass():
-            return _forward(self, *args, scale=scale, **kwargs)
-    return _forward(self, *args, scale=scale, **kwargs)
+    with _tower_scope(self, scale):
+        return _forward(self, *args, scale=scale, **kwargs)
 
 
-def _routed(model, scale) -> bool:
-    """A ``scale="auto"`` call of this model's own (the routing pass inside it is not one)."""
-    return isinstance(scale, str) and scale == auto.AUTO and not inference.active(model)
+def _tower_scope(model, scale):
+    """``inference.one_tower_pass`` around a ``scale="auto"`` call of this model's own (the routing pass inside
+    it is not one); nothing around any other call."""
+    routed = isinstance(scale, str) and scale == auto.AUTO and not inference.active(model)
+    return inference.one_tower_pass() if routed else contextlib.nullcontext()
 
 
 def _forward(
@@ -185,10 +187,8 @@ def _follow_shortening(kwargs: dict, shrunk: dict) -> None:
 
 
 def patched_generate(self, *args, scale=None, **kwargs):
-    if _routed(self, scale):
-        with inference.one_tower_pass():
-            return _generate(self, *args, scale=scale, **kwargs)
-    return _generate(self, *args, scale=scale, **kwargs)
+    with _tower_scope(self, scale):
+        return _generate(self, *args, scale=scale, **kwargs)
 
 
 def _generate(self, inputs=None, *args, scale=None, budget=None, **kwargs):

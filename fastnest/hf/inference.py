@@ -73,10 +73,10 @@ def _tower_outputs(model: nn.Module, pixel_values: torch.Tensor, layer, strategy
     config = model.config
     layer = getattr(config, "vision_feature_layer", None) if layer is None else layer
     strategy = getattr(config, "vision_feature_select_strategy", None) if strategy is None else strategy
-    key = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in (layer, strategy, image_sizes))
     # use_cache comes with the language model's kwargs (the routing pass sets it) and means nothing to a tower
-    mine = {k: v for k, v in options.items() if k != "use_cache"}
-    key += tuple(sorted((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in mine.items()))
+    named = {"layer": layer, "strategy": strategy, "image_sizes": image_sizes, **options}
+    named.pop("use_cache", None)
+    key = sorted((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in named.items())  # tensors: identity
     # the model too: another patched model called inside this call (an assistant) has its own tower
     if seen and seen[0] is model and seen[1] is pixel_values and seen[2:4] == [pixel_values._version, key]:
         return seen[4]
