@@ -2,9 +2,10 @@
 
 Counted (forward and backward, every aten call under the mode): matrix products ``mm``/``addmm`` as ``2·M·K·N`` and
 ``bmm``/``baddbmm`` as ``2·B·M·K·N``; fused attention (``_scaled_dot_product_flash_attention_for_cpu`` and its
-backward) as the causal useful work: forward ``2·H·d·Lq·Lk`` (QKᵀ and PV over the causal half of the ``Lq × Lk``
-scores, ``2·(2·H·d·Lq·Lk)/2``), backward twice that (dV, dP, dQ, dK; the recomputed scores not counted). Elementwise
-work is not counted.
+backward) as the useful work: forward ``4·H·d`` per visible (query, key) pair (QKᵀ and PV), the pairs being the
+causal half of the ``Lq × Lk`` scores under ``is_causal`` (``2·H·d·Lq·Lk``), those an explicit mask leaves
+(the last layer's tail queries), else all; backward twice that (dV, dP, dQ, dK; the recomputed scores not
+counted). Elementwise work is not counted.
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ class FlopCount(TorchDispatchMode):
             batch, m, k = a.shape
             self.gemm_flops += 2 * batch * m * k * b.shape[2]
         elif packet in (_SDPA, _SDPA_BACKWARD):
-            q, k = (args[0], args[1]) if packet is _SDPA else (args[1], args[2])
-            work = 2 * q.shape[0] * q.shape[1] * q.shape[3] * q.shape[2] * k.shape[2]
+            bound = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
+            q, k, mask = bound["query"], bound["key"], bound.get("attn_mask")
+            (batch, heads, lq, d), lk = q.shape, k.shape[2]
+            if mask is not None:  # additive (-inf: hidden) or boolean (False: hidden)
+                visible = mask if mask.dtype == torch.bool else mask != float("-inf")
+                pairs = int(visible.expand(batch, heads, lq, lk).sum())
+            else:
+                pairs = batch * heads * lq * lk // (2 if bound.get("is_causal") else 1)
+            work = 4 * d * pairs
             self.attention_flops += work if packet is _SDPA else 2 * work
         return func(*args, **(kwargs or {}))
 

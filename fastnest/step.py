@@ -37,10 +37,17 @@ class StepModel(Protocol):
         """``[n] -> [n, D]`` token embeddings, on the language model's device."""
 
     def language_model(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo, rows: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        info: VarlenInfo,
+        rows: torch.Tensor,
+        tail: tuple[VarlenInfo, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[T, D] -> [R, D]``: the decoder over the packed sequence, its attention by ``info``; the final hidden
-        states at the packed positions ``rows`` (the only ones read: a decoder may skip work at the others)."""
+        states at the packed positions ``rows`` (the only ones read: a decoder may skip work at the others, e.g.
+        run its last layer's attention at ``tail``'s queries, ``info.tail_queries(rows)``, None where the backend
+        has none)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,8 @@ def packed_step(
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else source.dtype
     backend = resolve_backend("attention", device, attention, dtype=dtype, backward=torch.is_grad_enabled())
     info = VarlenInfo.from_packed(packed, device, backend)
-    hidden = model.language_model(source[packed.source_index], packed.position_ids, info, packed.logit_index)
+    tail = info.tail_queries(plan.packed.logit_index) if info.supports_tail_queries else None
+    hidden = model.language_model(source[packed.source_index], packed.position_ids, info, packed.logit_index, tail=tail)
     return StepOutput(hidden=hidden, plan=plan, packed=packed, attention=backend)
 
 

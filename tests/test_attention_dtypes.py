@@ -65,13 +65,27 @@ def allow_every_backend_on_cpu(monkeypatch):
     monkeypatch.setattr(xformers, "prepare", lambda info, device: "xformers bias")  # its bias needs the package
 
 
+def tail_reference(q, k, v, info, scale):
+    """Tail queries (``VarlenInfo.tail_queries``) by the reference: each sequence's n queries as the last n rows
+    of a square over its m keys."""
+    keys, values, out = k[info.key_index], v[info.key_index], []
+    for q_, k_, v_ in zip(q.split(info.seqlens_q), keys.split(info.seqlens_k), values.split(info.seqlens_k)):
+        n, m = len(q_), len(k_)
+        square = torch.cat([q_.new_zeros(m - n, *q_.shape[1:]), q_])
+        out.append(reference_attention(square, k_, v_, (m,), scale=scale)[m - n :])
+    return torch.cat(out)
+
+
 def spy(backend: str, calls: list):
     def attend(q, k, v, info, scale, dropout, **options):
         assert info.backend == backend and not options
         assert q.dtype == k.dtype == v.dtype == torch.bfloat16, (q.dtype, k.dtype, v.dtype)
-        assert q.shape == (info.total, HEADS, HEAD_DIM) and k.shape == v.shape == (info.total, KV_HEADS, HEAD_DIM)
+        keys = info.total if info.key_rows is None else info.key_rows
+        assert q.shape == (info.total, HEADS, HEAD_DIM) and k.shape == v.shape == (keys, KV_HEADS, HEAD_DIM)
         assert q.is_contiguous() or q.stride(-1) == 1
         calls.append(info.total)
+        if info.query_index is not None:
+            return tail_reference(q, k, v, info, scale).to(q.dtype)
         out = reference_attention(q, k, v, info.seqlens_q, info.context, scale=scale)
         return out.to(q.dtype)
 
@@ -99,7 +113,8 @@ def test_autocast_training_step_hands_each_backend_one_half_dtype(monkeypatch, b
     monkeypatch.setattr(module, "attend", spy(backend, calls))
     fast = fastnest.patch_llava(copy.deepcopy(model), scales=SCALES, attention=backend).train()
     got = autocast_step(fast, batch)
-    assert len(calls) == 2 and calls[0] == got.lm_tokens  # every layer, the whole packed stream
+    # every layer; the first over the whole packed stream, the last (but on flex) at the read rows' tails
+    assert len(calls) == 2 and calls[0] == got.lm_tokens and (calls[1] < calls[0]) == (backend != "flex")
     torch.testing.assert_close(got.scale_losses, want.scale_losses, rtol=2e-2, atol=0)
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         if b.grad is not None:

@@ -26,3 +26,14 @@ def test_counts_fused_causal_attention_as_useful_work():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     forward = 2 * 2 * 4 * 7 * 7  # QK^T and PV over the causal half: 2 * (2 * H * d * L * L) / 2
     assert count.attention_flops == forward * 3  # backward counted as twice the forward
+
+
+def test_counts_masked_attention_at_its_visible_pairs():
+    # 3 tail queries over 5 keys, bottom-right aligned: 3 + 4 + 5 visible pairs per head
+    q = torch.randn(1, 2, 3, 4, requires_grad=True)
+    k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(2))
+    mask = torch.arange(3)[:, None] + 2 >= torch.arange(5)[None, :]
+    with FlopCount() as count:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+    forward = 4 * 4 * 2 * (3 + 4 + 5)  # QK^T and PV, 2 FLOPs each per (pair, dim), 2 heads
+    assert count.attention_flops == forward * 3

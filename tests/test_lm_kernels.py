@@ -40,9 +40,9 @@ def fused_calls(monkeypatch) -> list[str]:
     """The kernels every fused layer call ran with (a spy on the module's fused forward)."""
     seen, fused = [], lm_kernels._fused_forward
 
-    def spy(layer, hidden, cos, sin, info, ops, rows=None):
+    def spy(layer, hidden, cos, sin, info, ops, **reads):
         seen.append(ops)
-        return fused(layer, hidden, cos, sin, info, ops, rows)
+        return fused(layer, hidden, cos, sin, info, ops, **reads)
 
     monkeypatch.setattr(lm_kernels, "_fused_forward", spy)
     return seen
@@ -68,12 +68,12 @@ def test_native_matches_released_loop(kv_heads, share_prefix, monkeypatch):
 
 
 @NATIVE
-def test_the_last_layer_runs_past_its_attention_only_at_the_labelled_positions():
+def test_the_last_layer_runs_past_its_attention_only_at_the_labelled_positions(monkeypatch):
     ref = build()
     batch = make_batch(ref, [list(r) for r in ROWS[:2]])
     fast = fastnest.patch_llava(copy.deepcopy(ref), scales=SCALES, lm_kernels="native")
     layers = fast.model.language_model.layers
-    seen = {}
+    seen, queries, attend = {}, [], lm_kernels.varlen_attention
 
     def rows_in(name):
         def hook(module, args):
@@ -81,6 +81,11 @@ def test_the_last_layer_runs_past_its_attention_only_at_the_labelled_positions()
 
         return hook
 
+    def spy(q, k, v, info, **kw):
+        queries.append((q.shape[0], k.shape[0]))
+        return attend(q, k, v, info, **kw)
+
+    monkeypatch.setattr(lm_kernels, "varlen_attention", spy)
     hooks = [
         module.register_forward_pre_hook(rows_in(name))
         for name, module in (
@@ -93,10 +98,15 @@ def test_the_last_layer_runs_past_its_attention_only_at_the_labelled_positions()
     out = fast(**batch.inputs())
     for hook in hooks:
         hook.remove()
-    targets = int((batch.inputs()["labels"][:, 1:] != -100).sum()) * len(SCALES)  # each target at every scale
+    labels, lengths = batch.inputs()["labels"], batch.inputs()["attention_mask"].sum(1).tolist()
+    targets = int((labels[:, 1:] != -100).sum()) * len(SCALES)  # each target at every scale
     packed = seen["first v_proj"]
     assert seen["first down_proj"] == seen["last v_proj"] == packed  # keys and values at every position
     assert seen["last down_proj"] == targets < packed
+    # the last layer's queries: each (row, scale) sequence from the position before its first label to its end
+    # (the rows' text before the image is shared, and labels come after the image)
+    tails = sum(n - int((row != -100).nonzero()[0]) + 1 for n, row in zip(lengths, labels)) * len(SCALES)
+    assert queries == [(packed, packed), (tails, packed)] and targets < tails < packed
     unfused = fastnest.patch_llava(copy.deepcopy(ref), scales=SCALES, lm_kernels="torch")
     torch.testing.assert_close(out.loss, unfused(**batch.inputs()).loss, rtol=1e-5, atol=0)
 

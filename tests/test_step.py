@@ -51,7 +51,7 @@ class Bound:
     def embed(self, ids):
         return self.lm.embed(ids)
 
-    def language_model(self, embeds, position_ids, info, rows):
+    def language_model(self, embeds, position_ids, info, rows, tail=None):
         return self.lm.block(embeds, position_ids, lambda q, k, v: varlen_attention(q, k, v, info))[rows]
 
 

@@ -3,8 +3,10 @@
 Sequence ``i``'s queries are its own packed positions; its keys are those positions preceded by every token
 of its context (a shared prefix packed once, see :class:`fastnest.packing.PackedSequences`). The causal mask
 is aligned bottom-right: of a sequence with ``n`` queries and ``m`` keys, query ``j`` sees keys ``0 .. j+m-n``
-(all of the context, and its own tokens up to itself). Tensors are tokens-major, ``[T, heads, dim]``. Every
-backend computes this same function (``naive.py`` states it in plain loops):
+(all of the context, and its own tokens up to itself). Tensors are tokens-major, ``[T, heads, dim]``. A last
+layer that reads a few rows runs its queries at each sequence's tail only (``VarlenInfo.tail_queries``: the same
+alignment, n tail queries of m keys; flash, xformers and sdpa). Every backend computes this same function
+(``naive.py`` states it in plain loops):
 
 - ``"flash"``: FlashAttention's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, compute capability >= 8.0);
   sliding window, softcap;

@@ -7,6 +7,7 @@ import torch
 from .common import gather_keys, nonempty_offsets
 
 OPTIONS = frozenset({"sliding_window", "softcap"})  # flash-attn 2's window_size and softcap (>= 2.6)
+TAIL_QUERIES = True  # its varlen causal mask is bottom-right aligned, a tail query sees its keys as a continuation does
 
 
 def prepare(info, device: torch.device):

@@ -11,6 +11,7 @@ import torch
 from .flex_mask import build_block_mask
 
 OPTIONS = frozenset({"sliding_window", "softcap", "s_aux"})
+TAIL_QUERIES = False  # its block mask places each query at its packed position
 
 
 class FlexMasks:

@@ -24,7 +24,9 @@ class VarlenInfo:
 
     ``seqlens_q``/``seqlens_k`` and ``max_seqlen_*`` are host values (no per-layer synchronisation);
     ``key_index`` (packed position of every key, None when the keys are the queries) gathers the keys of
-    sequences with a context; ``prepared`` is the backend's own per-step structure.
+    sequences with a context; ``prepared`` is the backend's own per-step structure. An info from
+    :meth:`tail_queries` has ``query_index`` (the packed position of each of its queries: each sequence's tail)
+    and ``key_rows`` (the packing's tokens, which the key and value tensors still hold).
     """
 
     backend: str
@@ -38,10 +40,66 @@ class VarlenInfo:
     max_seqlen_q: int
     max_seqlen_k: int
     prepared: Any = None
+    query_index: torch.Tensor | None = None  # int64 [total]; None: the queries are the packed positions
+    key_rows: int | None = None  # rows of key/value when the queries are tails; None: ``total``
 
     @property
     def total(self) -> int:
         return sum(self.seqlens_q)
+
+    @property
+    def supports_tail_queries(self) -> bool:
+        return _BACKENDS[self.backend].TAIL_QUERIES
+
+    def tail_queries(self, rows: torch.Tensor) -> tuple[VarlenInfo, torch.Tensor]:
+        """The same keys, each sequence's queries cut to its tail from its first position among ``rows`` (host
+        packed positions, any order): a last layer that reads only ``rows`` needs attention at those queries
+        alone (a tail of ``n`` of the sequence's ``m`` keys sees them bottom-right aligned, as a continuation
+        does). A sequence with no read row keeps no query and no key. Computed from host values only.
+
+        Returns ``(tail, picks)``: ``tail.query_index`` (on this info's device) lists the tail queries' packed
+        positions, in the order its attention returns them; ``picks`` where each of ``rows`` lies among them.
+        """
+        if not self.supports_tail_queries:
+            raise ValueError(
+                f"attention backend {self.backend!r} has no tail queries; backends that do: "
+                f"{tuple(b for b, m in _BACKENDS.items() if m.TAIL_QUERIES)}"
+            )
+        if self.query_index is not None:
+            raise ValueError("these queries are tails already")
+        rows = rows.long()
+        ends = cumulative_lengths(self.seqlens_q).long()
+        bad = rows[(rows < 0) | (rows >= self.total)]
+        if bad.numel():
+            raise ValueError(f"rows must be packed positions in [0, {self.total}), got {bad[:8].tolist()}")
+        sequence = torch.searchsorted(ends, rows, right=True) - 1
+        first = ends[1:].clone().scatter_reduce_(0, sequence, rows, "amin")  # a sequence with no row: its end
+        lengths = ends[1:] - first
+        cu_q = cumulative_lengths(lengths.tolist())
+        query_index = torch.arange(int(cu_q[-1])) + (first - cu_q[:-1]).repeat_interleave(lengths)
+        picks = rows - first[sequence] + cu_q[:-1].long()[sequence]
+        # the keys' packed positions recomputed on the host (reading key_index back would wait for the device)
+        keys = key_layout(self.seqlens_q, self.context, self.context_lens)[2]
+        keys = torch.arange(self.total) if keys is None else keys
+        read = lengths > 0
+        key_counts = torch.tensor(self.seqlens_k, dtype=torch.long)
+        seqlens_k = key_counts * read
+        key_index = keys[read.repeat_interleave(key_counts)]
+        device = self.cu_seqlens_q.device
+        tail = self._build(
+            self.backend,
+            device,
+            tuple(lengths.tolist()),
+            tuple(seqlens_k.tolist()),
+            self.context,
+            self.context_lens,
+            cu_q,
+            cumulative_lengths(seqlens_k.tolist()),
+            key_index,
+            query_index=query_index,
+            key_rows=self.total,
+        )
+        return tail, picks.to(device, non_blocking=True)
 
     @classmethod
     def from_packed(
@@ -77,7 +135,9 @@ class VarlenInfo:
         return cls._build(backend, torch.device(device), seqlens, seqlens_k, ctx, lens, cu_q, cu_k, key_index)
 
     @classmethod
-    def _build(cls, backend, device, seqlens_q, seqlens_k, context, context_lens, cu_q, cu_k, key_index) -> VarlenInfo:
+    def _build(
+        cls, backend, device, seqlens_q, seqlens_k, context, context_lens, cu_q, cu_k, key_index, **tail_fields
+    ) -> VarlenInfo:
         if backend not in _BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {OPS['attention']}")
 
@@ -96,6 +156,7 @@ class VarlenInfo:
             key_index=None if key_index is None else move(key_index),
             max_seqlen_q=max(seqlens_q, default=0),
             max_seqlen_k=max(seqlens_k, default=0),
+            **{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in tail_fields.items()},
         )
         prepare = getattr(_BACKENDS[backend], "prepare", None)
         return replace(info, prepared=prepare(info, device)) if prepare is not None and info.total else info
@@ -161,7 +222,9 @@ def varlen_attention(
     """Causal attention inside each packed sequence (and its context), never across; ``info.backend`` runs it.
 
     ``query [T, H, d]``, ``key``/``value [T, Hkv, d]`` (tokens-major; grouped-query when ``Hkv < H``; any
-    strides); returns ``[T, H, d]`` in :func:`compute_dtype` (q, k and v are cast to it first).
+    strides); returns ``[T, H, d]`` in :func:`compute_dtype` (q, k and v are cast to it first). With an info
+    from :meth:`VarlenInfo.tail_queries`, ``query`` holds the tail queries only (``info.query_index``) and
+    key/value every packed position.
     Options (Hugging Face's attention kwargs; a backend without one raises a ValueError naming those with it):
     ``sliding_window`` W: a query sees its last W keys (itself included; HF's ``kv_idx > q_idx - W``; a W of
     at least every sequence's key count is no window, e.g. Mistral's 4096 over shorter sequences);
@@ -171,9 +234,11 @@ def varlen_attention(
     if query.dim() != 3:
         raise ValueError(f"query must be [tokens, heads, dim], got shape {tuple(query.shape)}")
     total, heads, kv_heads = query.shape[0], query.shape[1], key.shape[1]
-    if info.total != total or key.shape[0] != total or value.shape[0] != total:
+    keys = info.total if info.key_rows is None else info.key_rows
+    if info.total != total or key.shape[0] != keys or value.shape[0] != keys:
+        expected = f"{info.total}" if info.key_rows is None else f"{info.total} queries of {keys} keys"
         raise ValueError(
-            f"sequence lengths sum to {info.total} but query/key/value hold {total}/{key.shape[0]}/"
+            f"sequence lengths sum to {expected} but query/key/value hold {total}/{key.shape[0]}/"
             f"{value.shape[0]} tokens"
         )
     if heads % kv_heads:

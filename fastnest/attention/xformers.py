@@ -7,6 +7,7 @@ import torch
 from .common import gather_keys, nonempty_offsets
 
 OPTIONS = frozenset()  # no sliding window, softcap or sinks wired to xformers' biases here
+TAIL_QUERIES = True  # the bottom-right block-diagonal bias
 
 
 def prepare(info, device: torch.device):

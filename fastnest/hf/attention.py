@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import varlen_attention
-from .lm_kernels import KERNELS_KWARG, ROWS_KWARG, VARLEN_KWARG
+from .lm_kernels import KERNELS_KWARG, ROWS_KWARG, TAIL_KWARG, VARLEN_KWARG
 
 ROUTED = "fastnest"
 
@@ -115,17 +115,18 @@ def packed_call(
     info,
     rows: torch.Tensor,
     kernels: str = "torch",
+    tail=None,
 ) -> torch.Tensor:
     """``[T, D] -> [R, D]``: the decoder over a packed sequence, attention by ``info``, the decoder layers'
     elementwise ops by ``kernels`` (``fastnest.hf.lm_kernels``: "native", "liger" or the model's own, "torch");
     the final hidden states at the packed positions ``rows``. With fused kernels the last layer computes only
-    those rows past its attention (``lm_kernels``); the model's own layers compute every row, then ``rows`` is
-    taken.
+    those rows past its attention, and its attention at ``tail``'s queries (``info.tail_queries(rows)``, None:
+    every query; ``lm_kernels``); the model's own layers compute every row, then ``rows`` is taken.
 
     HF returns a 4-D attention mask as given, so a [1, 1, 1, 1] stand-in keeps it from building a dense
     [T, T] mask for the packed positions; the routed attention ignores it when the varlen info is there.
     """
-    fused = {} if kernels == "torch" else {KERNELS_KWARG: kernels, ROWS_KWARG: rows}
+    fused = {} if kernels == "torch" else {KERNELS_KWARG: kernels, ROWS_KWARG: rows, TAIL_KWARG: tail}
     out = language_model(
         inputs_embeds=embeds[None],
         position_ids=position_ids[None],

@@ -50,11 +50,11 @@ class BoundModel:
         return embed(input_ids.to(embed.weight.device, non_blocking=True))
 
     def language_model(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo, rows: torch.Tensor
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, info: VarlenInfo, rows: torch.Tensor, tail=None
     ) -> torch.Tensor:
         decoder = self.adapter.language_model(self.model)
         kernels = lm_kernels.resolve(decoder, self.state.lm_kernels, embeds.device)
-        return hf_attention.packed_call(decoder, embeds, position_ids, info, rows, kernels)
+        return hf_attention.packed_call(decoder, embeds, position_ids, info, rows, kernels, tail)
 
 
 def _pop_vision_options(kwargs: dict) -> dict:

@@ -8,8 +8,10 @@ Liger-Kernel's Triton kernels (CUDA, optional dependency), called as functions o
 of Liger's patches classes or modules). Every other call, and ``"torch"``, runs the layer's own forward.
 
 The last layer computes only the positions whose final hidden states are read, the ``fastnest_rows`` kwarg,
-after its attention. Keys and values still cover every position. Those rows are where the loss or the analysis
-takes logits. On the bench step this removes 16.8 of its 209.1 GFLOP.
+after its attention, and its attention only at each sequence's tail from its first read row where the backend
+has tail queries (``fastnest_tail``: ``VarlenInfo.tail_queries``). Keys and values still cover every position.
+Those rows are where the loss or the analysis takes logits: in the analysis a few answer tokens after each
+scale's visual tokens, so the last layer's attention nearly vanishes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..ops.decoder import function as decoder_ops
 
 KERNELS_KWARG = "fastnest_lm_kernels"
 ROWS_KWARG = "fastnest_rows"  # the packed positions whose final hidden states are read (the last layer's rows)
+TAIL_KWARG = "fastnest_tail"  # (tail info, picks) of those rows, or None: the last layer's attention queries
 VARLEN_KWARG = "fastnest_varlen"  # fastnest.hf.attention's (that module imports this one)
 # the Hugging Face classes whose forward the fused layer restates (Llama's decoder layer and its parts)
 LAYER_CLASSES = {
@@ -122,11 +125,19 @@ def resolve(language_model: torch.nn.Module, choice: str, device: torch.device) 
 
 
 def _fused_forward(
-    layer, hidden: torch.Tensor, cos, sin, info: VarlenInfo, ops: _Ops, rows: torch.Tensor | None = None
+    layer,
+    hidden: torch.Tensor,
+    cos,
+    sin,
+    info: VarlenInfo,
+    ops: _Ops,
+    rows: torch.Tensor | None = None,
+    tail: tuple[VarlenInfo, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Llama's decoder layer over the packed ``[1, T, D]`` hidden states, the fused ops in place of its own.
     ``rows`` (the last layer): only those positions go on past the attention, whose keys and values need every
-    position; nothing after this layer reads the others, so ``[1, R, D]`` comes out."""
+    position; nothing after this layer reads the others, so ``[1, R, D]`` comes out. ``tail`` (with ``rows``):
+    the attention runs at the tails' queries only, and ``picks`` takes the rows from them."""
     x = hidden[0]
     tokens = x.shape[0]
     attn, mlp = layer.self_attn, layer.mlp
@@ -134,22 +145,29 @@ def _fused_forward(
     q, k, v = (proj(h).view(tokens, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = ops.rotary(q, k, cos[0], sin[0])
     dropout = attn.attention_dropout if attn.training else 0.0
-    out = varlen_attention(q, k, v, info, scale=attn.scaling, dropout=dropout)
+    if tail is not None:  # queries at the read rows' tails only; ``picks`` are the rows among them
+        tail_info, picks = tail
+        q = q.index_select(0, tail_info.query_index)
+        out = varlen_attention(q, k, v, tail_info, scale=attn.scaling, dropout=dropout).index_select(0, picks)
+    else:
+        out = varlen_attention(q, k, v, info, scale=attn.scaling, dropout=dropout)
+        out = out if rows is None else out.index_select(0, rows)
     if rows is not None:
-        out, x = out.index_select(0, rows), x.index_select(0, rows)
+        x = x.index_select(0, rows)
     x = x + attn.o_proj(out.reshape(x.shape[0], -1))
     h = ops.rms_norm(x, layer.post_attention_layernorm)
     return (x + mlp.down_proj(ops.swiglu(mlp.gate_proj(h), mlp.up_proj(h))))[None]
 
 
 def _layer_forward(self, hidden_states, *args, last: bool = False, **kwargs):
-    kernels, rows = kwargs.pop(KERNELS_KWARG, None), kwargs.pop(ROWS_KWARG, None)
+    kernels, rows, tail = (kwargs.pop(name, None) for name in (KERNELS_KWARG, ROWS_KWARG, TAIL_KWARG))
     if kernels in (None, "torch"):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     info, embeddings = kwargs.get(VARLEN_KWARG), kwargs.get("position_embeddings")
     if info is None or embeddings is None:
         raise ValueError("the fused decoder layer runs packed calls only (varlen info and position embeddings)")
-    run = functools.partial(_fused_forward, self, info=info, ops=_OPS[kernels](), rows=rows if last else None)
+    reads = {"rows": rows, "tail": tail} if last else {}
+    run = functools.partial(_fused_forward, self, info=info, ops=_OPS[kernels](), **reads)
     if _checkpoints_class_forward(self):
         return self._gradient_checkpointing_func(run, hidden_states, *embeddings)
     return run(hidden_states, *embeddings)

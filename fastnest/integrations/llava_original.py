@@ -241,7 +241,7 @@ class _Bound:
         return embed(input_ids.to(embed.weight.device, non_blocking=True))
 
     def language_model(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, info, rows: torch.Tensor
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, info, rows: torch.Tensor, tail=None
     ) -> torch.Tensor:
         return packed_decoder(self.model.get_model(), embeds, position_ids, info)[rows]
 
