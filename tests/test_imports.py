@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fastnest"
 # a module may import from its own floor or lower ones only
 FLOORS = [
-    {"constants", "version", "scales", "host_memory"},
+    {"constants", "version", "scales", "host_memory", "instance_method"},
     {"dispatch"},
     {"ops"},
     {"packing", "layout", "anyres", "plan", "attention", "connectors", "step"},

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 OPTIONS = frozenset({"sliding_window"})  # a window is an explicit mask; softcap and sinks are not SDPA's function
-TAIL_QUERIES = True
+TAIL_QUERIES = True  # a tail block attends under an explicit bottom-right mask
 
 
 def _visible(n: int, m: int, window: int | None, device: torch.device) -> torch.Tensor:

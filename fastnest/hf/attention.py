@@ -12,7 +12,6 @@ kwargs, gradient-checkpointing recomputation in the backward pass routes the sam
 from __future__ import annotations
 
 import sys
-import types
 from collections.abc import Callable
 
 import torch
@@ -20,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import varlen_attention
+from ..instance_method import InstanceMethod
 from .lm_kernels import KERNELS_KWARG, ROWS_KWARG, TAIL_KWARG, VARLEN_KWARG
 
 ROUTED = "fastnest"
@@ -100,7 +100,7 @@ def _attention_modules(language_model: torch.nn.Module) -> list[torch.nn.Module]
 
 def route(language_model: torch.nn.Module) -> None:
     for module in _attention_modules(language_model):
-        module.forward = types.MethodType(_routed_forward, module)
+        module.forward = InstanceMethod(_routed_forward, module)
 
 
 def unroute(language_model: torch.nn.Module) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import types
 import warnings
 
 import torch
@@ -12,6 +11,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..constants import DEFAULT_SCALES, IGNORE_INDEX
 from ..dispatch import check_backend, triton_interpreting
+from ..instance_method import InstanceMethod
 from ..layout import pooled_grid
 from ..ops.projector.function import matryoshka_project, register_gelu, register_projector
 from ..scales import MatryoshkaScales
@@ -235,23 +235,10 @@ def install(model: torch.nn.Module, state: PatchState) -> torch.nn.Module:
     hf_attention.route(state.adapter.language_model(model))
     lm_kernels.route(state.adapter.language_model(model))
     inner = state.adapter.multimodal(model)
-    inner.get_image_features = _bind(inner, image_features, type(inner).get_image_features)
-    model.forward = _bind(model, patched_forward, type(model).forward)
-    model.generate = _bind(model, patched_generate, type(model).generate)
+    inner.get_image_features = InstanceMethod(image_features, inner, type(inner).get_image_features)
+    model.forward = InstanceMethod(patched_forward, model, type(model).forward)
+    model.generate = InstanceMethod(patched_generate, model, type(model).generate)
     return model
-
-
-def _bind(model, impl, original) -> types.MethodType:
-    """``impl`` as a method of this instance, carrying ``original``'s signature (generate inspects it, and picks
-    the image encoder's arguments by it).
-
-    A bound method (not a closure) so that ``copy.deepcopy`` rebinds it to the copy.
-    """
-
-    def method(self, *args, **kwargs):
-        return impl(self, *args, **kwargs)
-
-    return types.MethodType(functools.update_wrapper(method, original), model)
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,7 +17,6 @@ scale's visual tokens, so the last layer's attention nearly vanishes.
 from __future__ import annotations
 
 import functools
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..attention import VarlenInfo, varlen_attention
 from ..dispatch import check_backend, resolve_backend
+from ..instance_method import InstanceMethod
 from ..ops.decoder import function as decoder_ops
 
 KERNELS_KWARG = "fastnest_lm_kernels"
@@ -146,6 +146,7 @@ def _fused_forward(
     q, k = ops.rotary(q, k, cos[0], sin[0])
     dropout = attn.attention_dropout if attn.training else 0.0
     if tail is not None:  # queries at the read rows' tails only; ``picks`` are the rows among them
+        # (q is projected and rotated at every position above, in the one rotary call with k, then taken)
         tail_info, picks = tail
         q = q.index_select(0, tail_info.query_index)
         out = varlen_attention(q, k, v, tail_info, scale=attn.scaling, dropout=dropout).index_select(0, picks)
@@ -188,7 +189,7 @@ def _checkpoints_class_forward(layer: torch.nn.Module) -> bool:
 def route(language_model: torch.nn.Module) -> None:
     layers = _layers(language_model)
     for i, layer in enumerate(layers):
-        layer.forward = types.MethodType(functools.partial(_layer_forward, last=i == len(layers) - 1), layer)
+        layer.forward = InstanceMethod(functools.partial(_layer_forward, last=i == len(layers) - 1), layer)
 
 
 def unroute(language_model: torch.nn.Module) -> None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..constants import DEFAULT_SCALES
 from ..dispatch import check_backend
+from ..instance_method import InstanceMethod
 from ..layout import pooled_grid
 from ..ops.projector.function import matryoshka_project
 from ..scales import MatryoshkaScales
@@ -124,7 +123,7 @@ def patch(
     state = OriginalPatch(spec, max(spec.scales), attention, bool(share_prefix), backend)
     setattr(model, _ATTRIBUTE, state)
     for name, impl in (("forward", _forward), ("generate", _generate), ("encode_images", _encode_images)):
-        setattr(model, name, _bind(model, impl, getattr(type(model), name)))
+        setattr(model, name, InstanceMethod(impl, model, getattr(type(model), name)))
     return model
 
 
@@ -135,16 +134,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     for name in ("forward", "generate", "encode_images", _ATTRIBUTE):
         model.__dict__.pop(name, None)
     return model
-
-
-def _bind(model: nn.Module, impl, original) -> types.MethodType:
-    """``impl`` as a method of this instance with ``original``'s signature (generate validates its kwargs
-    against ``forward``'s); a bound method, so ``copy.deepcopy`` rebinds it to the copy."""
-
-    def method(self, *args, **kwargs):
-        return impl(self, *args, **kwargs)
-
-    return types.MethodType(functools.update_wrapper(method, original), model)
 
 
 # --- inference: the original code, each image pooled to the call's scale -------------------------------------

@@ -12,12 +12,12 @@ recomputation in the backward routes the same way.
 from __future__ import annotations
 
 import sys
-import types
 
 import torch
 from torch import nn
 
 from ..attention import VarlenInfo, varlen_attention
+from ..instance_method import InstanceMethod
 
 _PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rotary_emb")
 
@@ -73,7 +73,7 @@ def _routed_forward(self, *args, **kwargs):
 def route(decoder: nn.Module) -> None:
     """Wrap the ``forward`` of the decoder's attention modules (on the instances)."""
     for module in _attention_modules(decoder):
-        module.forward = types.MethodType(_routed_forward, module)
+        module.forward = InstanceMethod(_routed_forward, module)
 
 
 def unroute(decoder: nn.Module) -> None:
