@@ -20,19 +20,21 @@ from tools.m3_reference import scaled_rows
 
 
 def _rule_by_hand(row: list[float], scales, budget: float) -> int:
-    top = max(row)
-    return next(s for s, p in zip(scales, row) if p >= budget * top)
+    price = 1 / budget - 1  # per max(scales) tokens
+    scores = [p - price * s / max(scales) for s, p in zip(scales, row)]
+    return scales[scores.index(max(scores))]  # the first best: the fewest tokens
 
 
 def test_budget_rule_by_hand_and_monotone():
     scales = (1, 9, 36, 144, 576)
     probs = torch.tensor([[0.2, 0.5, 0.9, 0.95, 0.9], [0.8, 0.8, 0.8, 0.8, 0.8], [0.1, 0.0, 0.3, 0.0, 0.6]])
     assert choose(probs, scales, 1.0) == [144, 1, 576]  # the most promising; a tie goes to fewer tokens
-    assert choose(probs, scales, 0.9) == [36, 1, 576]
-    assert choose(probs, scales, 0.5) == [9, 1, 36]
+    assert choose(probs, scales, 0.9) == [144, 1, 576]  # price 1/9 per 576 tokens: 144's +0.05 still pays
+    assert choose(probs, scales, 0.5) == [36, 1, 36]  # price 1: 576's +0.3 over 36 costs 0.94
+    assert choose(probs, scales, 0.1) == [9, 1, 1]  # price 9: 36's +0.4 over 9 costs 0.42
     g = torch.Generator().manual_seed(0)
     many = torch.rand(300, 5, generator=g)
-    budgets = [0.05 * i for i in range(1, 21)]
+    budgets = [0.01, 0.02, 0.05, *(0.05 * i for i in range(2, 21))]
     means = []
     for b in budgets:
         chosen = choose(many, scales, b)
@@ -79,12 +81,16 @@ def test_router_round_trips_through_its_folder(tmp_path):
     folder = save_router(router, tmp_path, {"data": "test"})
     info = json.loads((folder / "router.json").read_text())
     assert info["scales"] == [1, 4, 16] and info["budget"] == 0.7 and info["routing_scale"] == 1
-    assert info["fitting"] == {"data": "test"} and info["format"] == 1 and "hidden state" in info["features"]
+    assert info["fitting"] == {"data": "test"} and info["format"] == 2 and "hidden state" in info["features"]
     loaded, _ = read_router(tmp_path)
     assert loaded.budget == 0.7 and loaded.scales == (1, 4, 16)
     torch.testing.assert_close(loaded.probabilities(features), router.probabilities(features), rtol=0, atol=0)
     with pytest.raises(ValueError, match="no router in .*fastnest route --model"):
         read_router(tmp_path / "elsewhere")
+    # a format-1 router's budget meant a share of the largest probability: refused, not read under the new rule
+    (folder / "router.json").write_text(json.dumps({**info, "format": 1}))
+    with pytest.raises(ValueError, match="router format 1 .*reads format 2 .*refit with `fastnest route`"):
+        read_router(tmp_path)
 
 
 def _batch(processor, n=4, two_images_first=False):

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import fastnest
-from fastnest.hf.route.tradeoff import cascade_point, fixed_points, frontier, gap_closed, oracle_point, router_point
+from fastnest.hf.route.tradeoff import (
+    BUDGETS,
+    cascade_point,
+    fixed_points,
+    frontier,
+    gap_closed,
+    oracle_point,
+    router_point,
+)
 from fastnest.train.cli import main
 from fastnest.train.data_llava import BadSamples, Collator, SyntheticExamples
 from fastnest.train.route_data import ROUTE_HELDOUT_SEED, greedy_answers, prompts
@@ -82,7 +90,7 @@ def test_route_command_end_to_end(tmp_path, capsys):
     types = {heldout.example(i, BadSamples()).question_type for i in range(12)}
     assert set(cmp["by_type"]) == types and sum(g["n"] for g in cmp["by_type"].values()) == 12
     assert [p["scale"] for p in cmp["fixed"]] == list(TINY_SCALES)
-    assert len(cmp["router_sweep"]) == 20 and len(cmp["cascade"]) > 5
+    assert len(cmp["router_sweep"]) == len(BUDGETS) and len(cmp["cascade"]) > 5
     tokens = [p["tokens"] for p in cmp["router_sweep"]]
     assert tokens == sorted(tokens)  # budget monotone on held-out data
     assert cmp["greedy_agreement"] == 1.0  # generate and the teacher-forced score agree

@@ -13,7 +13,7 @@ from .features import FEATURES
 from .head import Router
 
 ROUTER_DIR, WEIGHTS, INFO = "router", "router.safetensors", "router.json"
-FORMAT = 1
+FORMAT = 2  # 2: the budget is the price rule of head.py (1: a share of the row's largest probability)
 
 
 def router_dir(model_dir: str | Path) -> Path:

@@ -3,9 +3,15 @@ and the budget rule that turns those probabilities into a scale.
 
 Features are standardised with the fitting data's mean and standard deviation, then a one-hidden-layer MLP
 (GELU) gives one logit per scale; a sigmoid makes each a probability. The decision with ``budget`` b in (0, 1]:
-the fewest-token scale whose probability is at least b times the largest of the sample's probabilities. The
-threshold b·max rises with b, so the eligible scales only shrink and the choice never gets smaller: mean
-tokens are monotone in b by construction (b = 1: the most promising scale, ties to the fewer tokens).
+the scale s maximising ``p_s - (1/b - 1) * tokens_s / max tokens``, its probability less a price per token that
+falls as b rises (ties to the fewer tokens; b = 1: no price, the most promising scale). A sample pays for a
+larger scale only where the probability it gains is worth the tokens, so at a given mean token count the
+cheap escalations come first (a 9-token question before a 144-token one). The chosen scale of each sample never
+gets smaller as the price falls (if s' < s won at a higher price, p_s - p_s' was below that price times the
+token difference, so below any lower one too): mean tokens are monotone in b by construction.
+
+The rule before it (router format 1: the fewest-token scale with a probability of at least b times the row's
+largest) moved every coin-flip question type up at once, near b = 0.5: no operating point between.
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ def check_budget(budget: float) -> float:
 
 
 def choose(probabilities: torch.Tensor, scales: Sequence[int], budget: float) -> list[int]:
-    """Per row of ``probabilities [N, K]`` (columns: ``scales`` ascending), the first scale whose probability is
-    at least ``budget`` times the row's largest."""
+    """Per row of ``probabilities [N, K]`` (columns: ``scales`` ascending), the scale maximising its
+    probability less ``(1/budget - 1)`` per ``max(scales)`` tokens (module docstring)."""
     budget = check_budget(budget)
-    eligible = probabilities >= budget * probabilities.max(dim=1, keepdim=True).values
-    first = eligible.float().argmax(dim=1)  # argmax returns the first maximal column: the fewest tokens
-    return [scales[int(i)] for i in first]
+    cost = torch.tensor([s / max(scales) for s in scales], dtype=torch.float64, device=probabilities.device)
+    score = probabilities.double() - (1 / budget - 1) * cost
+    best = score.argmax(dim=1)  # argmax returns the first maximal column: the fewest tokens
+    return [scales[int(i)] for i in best]

@@ -21,8 +21,9 @@ import torch
 
 from .head import choose
 
-# Budgets and cascade thresholds swept in the reports: fine where the curves bend.
-BUDGETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# Budgets and cascade thresholds swept in the reports: fine where the curves bend (a budget b prices tokens at
+# 1/b - 1 per max(scales): the small budgets spread the escalations of the small scales).
+BUDGETS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
 
 
