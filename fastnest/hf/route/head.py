@@ -7,8 +7,8 @@ the scale s maximising ``p_s - (1/b - 1) * tokens_s / max tokens``, its probabil
 falls as b rises (ties to the fewer tokens; b = 1: no price, the most promising scale). A sample pays for a
 larger scale only where the probability it gains is worth the tokens, so at a given mean token count the
 cheap escalations come first (a 9-token question before a 144-token one). The chosen scale of each sample never
-gets smaller as the price falls (if s' < s won at a higher price, p_s - p_s' was below that price times the
-token difference, so below any lower one too): mean tokens are monotone in b by construction.
+gets smaller as the price falls (if s beats a smaller s' at some price, p_s - p_s' is at least that price times
+their token difference, so s beats s' at every lower price): mean tokens are monotone in b by construction.
 
 The rule before it (router format 1: the fewest-token scale with a probability of at least b times the row's
 largest) moved every coin-flip question type up at once, near b = 0.5: no operating point between.
