@@ -180,5 +180,6 @@ def test_granularity_is_the_fewest_tokens_within_two_points_of_the_best(tmp_path
     assert list(s["types"]) == ["t"] and "designed_granularity" not in s["all"]
     md = report.write(s, tmp_path)["md"].read_text()
     assert "| granularity: measured (designed) | 9 (9) | 9 |" in md
+    assert md.splitlines()[2].startswith("| visual tokens | ") and s["scale_unit"] == "visual tokens"
     plain = report.markdown(summarize(Scores((1, 9, 36, 144), correct, ["t"] * 100, 1, 1.0)))
     assert "| granularity: measured | 9 | 9 |" in plain and "designed" not in plain

@@ -86,6 +86,9 @@ def test_analyze_of_the_saved_next_run_matches_a_plain_computation(run_dir, tmp_
     )
     report = json.loads((out / "report.json").read_text())
     assert report["scales"] == list(SCALES) and report["num_samples"] == 4
+    # a scale is each crop's pooled tokens: an image's count also depends on its crops, so the axis says per crop
+    assert report["scale_unit"] == "visual tokens per crop"
+    assert "| visual tokens per crop | " in (out / "report.md").read_text()
     model = LlavaNextForConditionalGeneration.from_pretrained(run_dir / "model").eval()
     processor = AutoProcessor.from_pretrained(run_dir / "model")
     data = SyntheticExamples(4, seed=SYNTHETIC_EVAL_SEED, turns=1).data

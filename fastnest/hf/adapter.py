@@ -22,6 +22,7 @@ class ModelAdapter:
     """The module paths and image layout of one model family (subclasses fill in the methods that raise)."""
 
     model_type: str = ""
+    scale_unit: str = "visual tokens"  # what a scale counts, per image (an anyres family: per crop)
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

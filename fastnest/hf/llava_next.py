@@ -32,6 +32,8 @@ class LlavaNextAdapter(LlavaAdapter):
     """LLaVA's module paths plus ``model.model.image_newline``; each image is ``1 + rows·cols`` crops laid out
     by :func:`fastnest.anyres.anyres_layout` with the ``unpad`` rounding ("hf" or "released")."""
 
+    scale_unit = "visual tokens per crop"  # an image's tokens also depend on its grid of crops and the newlines
+
     model_type = "llava_next"
 
     def __init__(self, unpad: str = "hf") -> None:

@@ -157,11 +157,16 @@ def _group(correct: torch.Tensor, scales: tuple[int, ...], unanswered: str) -> d
 
 
 def summarize(
-    scores: Scores, type_order: Iterable[str] = (), unanswered: str = "smallest", designed: dict | None = None
+    scores: Scores,
+    type_order: Iterable[str] = (),
+    unanswered: str = "smallest",
+    designed: dict | None = None,
+    scale_unit: str = "visual tokens",
 ) -> dict:
     """Accuracy per scale per question type, an ``all`` row, each type's granularity and the oracle (see the
     module docstring; ``unanswered``: the scale, ``"smallest"`` or ``"largest"``, at which it counts a sample no
-    scale answers; ``designed``: question type -> its designed granularity, reported beside the measured one)."""
+    scale answers; ``designed``: question type -> its designed granularity, reported beside the measured one;
+    ``scale_unit``: what a scale counts, the report's axis: ``"visual tokens per crop"`` for an anyres model)."""
     if unanswered not in ORACLE_UNANSWERED:
         raise ValueError(f"unanswered must be one of {ORACLE_UNANSWERED}, got {unanswered!r}")
     seen = list(dict.fromkeys([*[t for t in type_order if t in scores.question_types], *scores.question_types]))
@@ -175,6 +180,7 @@ def summarize(
     best = max(scores.scales, key=lambda s: overall["accuracy"][str(s)]) if scores.scales else None
     return {
         "scales": list(scores.scales),
+        "scale_unit": scale_unit,
         "num_samples": scores.correct.shape[0],
         "scoring": "teacher-forced exact match of every assistant answer token and its end-of-sequence token "
         "(= greedy decoding reproduces the answer)",
@@ -227,4 +233,5 @@ def analyze_model(
         progress=progress,
         spec=spec,
     )
-    return summarize(scores, type_order, unanswered, designed if connector_of(model) == "pooled" else None)
+    designed = designed if connector_of(model) == "pooled" else None
+    return summarize(scores, type_order, unanswered, designed, patch_state(model).adapter.scale_unit)

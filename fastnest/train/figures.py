@@ -48,9 +48,10 @@ def analysis_figure(summary: dict) -> Figure:
             label="oracle: mean tokens, accuracy" if is_all else f"_oracle {name}",
             zorder=3,
         )
-    token_axis(ax, scales, scales[-1], "visual tokens (log scale)")
+    unit = summary.get("scale_unit", "visual tokens")
+    token_axis(ax, scales, scales[-1], f"{unit} (log scale)")
     ax.set_ylim(-3, 103)
-    ax.set_title(f"Accuracy against visual tokens ({summary['num_samples']} samples)")
+    ax.set_title(f"Accuracy against {unit} ({summary['num_samples']} samples)")
     fig.legend(loc="outside right upper")
     return fig
 

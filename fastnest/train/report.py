@@ -13,7 +13,8 @@ def markdown(summary: dict, title: str = "Granularity analysis") -> str:
     types = list(summary["types"])
     cols = [*types, "all"] if types != ["all"] else ["all"]
     group = lambda c: summary["all"] if c == "all" else summary["types"][c]  # noqa: E731
-    head = "| visual tokens | " + " | ".join(f"{c} (n={group(c)['n']})" for c in cols) + " |"
+    unit = summary.get("scale_unit", "visual tokens")
+    head = f"| {unit} | " + " | ".join(f"{c} (n={group(c)['n']})" for c in cols) + " |"
     lines = [f"# {title}", "", head, "|" + "---|" * (len(cols) + 1)]
     for s in sorted(summary["scales"]):
         lines.append(f"| {s} | " + " | ".join(f"{100 * group(c)['accuracy'][str(s)]:.1f}" for c in cols) + " |")
@@ -34,7 +35,7 @@ def markdown(summary: dict, title: str = "Granularity analysis") -> str:
         "",
         f"Accuracy in %, {summary['num_samples']} samples. Scoring: {summary['scoring']}.",
         f"Oracle: {summary['oracle_definition']}.",
-        "Granularity: the fewest visual tokens within 2 points of the type's best accuracy"
+        f"Granularity: the fewest {unit} within 2 points of the type's best accuracy"
         + (" (designed: the scale the built-in data set built the type for)." if designed else "."),
         f"Evaluated with {summary['prefill_passes']} packed multi-scale prefill pass(es) in {summary['seconds']:.1f} s.",
         "",
