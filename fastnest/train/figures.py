@@ -26,6 +26,11 @@ def _groups(summary: dict) -> list[tuple[str, dict]]:
     return groups
 
 
+def scale_unit(summary: dict) -> str:
+    """What the analysis's scales count (reports written before ``scale_unit`` was recorded: visual tokens)."""
+    return summary.get("scale_unit", "visual tokens")
+
+
 def analysis_figure(summary: dict) -> Figure:
     """Accuracy (%) against visual tokens on a log x axis ticked at the scales: a line per question type and a
     dashed black ``all`` line; each group's oracle is a star at (oracle mean tokens, oracle accuracy)."""
@@ -48,7 +53,7 @@ def analysis_figure(summary: dict) -> Figure:
             label="oracle: mean tokens, accuracy" if is_all else f"_oracle {name}",
             zorder=3,
         )
-    unit = summary.get("scale_unit", "visual tokens")
+    unit = scale_unit(summary)
     token_axis(ax, scales, scales[-1], f"{unit} (log scale)")
     ax.set_ylim(-3, 103)
     ax.set_title(f"Accuracy against {unit} ({summary['num_samples']} samples)")

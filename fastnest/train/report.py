@@ -13,7 +13,7 @@ def markdown(summary: dict, title: str = "Granularity analysis") -> str:
     types = list(summary["types"])
     cols = [*types, "all"] if types != ["all"] else ["all"]
     group = lambda c: summary["all"] if c == "all" else summary["types"][c]  # noqa: E731
-    unit = summary.get("scale_unit", "visual tokens")
+    unit = figures.scale_unit(summary)
     head = f"| {unit} | " + " | ".join(f"{c} (n={group(c)['n']})" for c in cols) + " |"
     lines = [f"# {title}", "", head, "|" + "---|" * (len(cols) + 1)]
     for s in sorted(summary["scales"]):
