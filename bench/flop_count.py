@@ -1,10 +1,11 @@
 """The FLOPs of one training step, counted by a dispatch hook, and the GEMM sequence it ran (for the GEMM rate).
 
 Counted (forward and backward, every aten call under the mode): matrix products ``mm``/``addmm`` as ``2·M·K·N`` and
-``bmm``/``baddbmm`` as ``2·B·M·K·N``; fused attention (``_scaled_dot_product_flash_attention_for_cpu`` and its
-backward) as the useful work: forward ``4·H·d`` per visible (query, key) pair (QKᵀ and PV), the pairs being the
-causal half of the ``Lq × Lk`` scores under ``is_causal`` (``2·H·d·Lq·Lk``), those an explicit mask leaves
-(the last layer's tail queries), else all; backward twice that (dV, dP, dQ, dK; the recomputed scores not
+``bmm``/``baddbmm`` as ``2·B·M·K·N``; fused attention (``_scaled_dot_product_flash_attention_for_cpu``, fastnest's
+native ``fastnest::attention_forward``, and their backwards) as the useful work: forward ``4·H·d`` per visible
+(query, key) pair (QKᵀ and PV), the pairs being the causal half of the ``Lq × Lk`` scores under SDPA's
+``is_causal`` (``2·H·d·Lq·Lk``), those an explicit mask leaves (the last layer's tail queries), the native op's
+bottom-right causal (and windowed) ones, else all; backward twice that (dV, dP, dQ, dK; the recomputed scores not
 counted). Elementwise work is not counted.
 """
 
@@ -21,6 +22,18 @@ _MM = {aten.mm, aten.addmm}
 _BMM = {aten.bmm, aten.baddbmm}
 _SDPA = aten._scaled_dot_product_flash_attention_for_cpu
 _SDPA_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward
+_NATIVE = "fastnest::attention_forward"
+_NATIVE_BACKWARD = "fastnest::attention_backward"
+
+
+def native_pairs(cu_q: torch.Tensor, cu_k: torch.Tensor, window: int) -> int:
+    """Visible (query, key) pairs of the native op: query i of n sees key p of m iff p <= i + m - n (and, with a
+    window W, p > i + m - n - W)."""
+    pairs = 0
+    for n, m in zip(cu_q.diff().tolist(), cu_k.diff().tolist()):
+        seen = torch.arange(m - n, m) + 1  # keys up to and including the query's own position
+        pairs += int((seen.clamp(max=window) if window else seen).sum())
+    return pairs
 
 
 def _transposed(t: torch.Tensor) -> bool:
@@ -58,6 +71,11 @@ class FlopCount(TorchDispatchMode):
                 pairs = batch * heads * lq * lk // (2 if bound.get("is_causal") else 1)
             work = 4 * d * pairs
             self.attention_flops += work if packet is _SDPA else 2 * work
+        elif func.name() in (_NATIVE, _NATIVE_BACKWARD):
+            forward = func.name() == _NATIVE
+            q, cu_q, cu_k, window = (args[0], args[4], args[5], args[7]) if forward else (args[1], *args[7:9], args[10])
+            work = 4 * q.shape[1] * q.shape[2] * native_pairs(cu_q, cu_k, window)
+            self.attention_flops += work if forward else 2 * work
         return func(*args, **(kwargs or {}))
 
     @property

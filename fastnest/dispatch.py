@@ -18,7 +18,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "projector": BACKENDS,
     "pooling": BACKENDS,
     "cross_entropy": BACKENDS,
-    "attention": ("flash", "xformers", "flex", "sdpa"),
+    "attention": ("flash", "xformers", "flex", "native", "sdpa"),
     # the language model's fused RMSNorm / SwiGLU / rotary (fastnest/hf/lm_kernels.py): Liger-Kernel's (CUDA),
     # fastnest._C's (CPU), or the model's own code
     "lm_kernels": ("liger", "native", "torch"),
@@ -65,7 +65,7 @@ def _process_error(op: str, backend: str) -> str | None:
                 return _capability_error(None)
         if backend == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
-        return None
+        return native_error() if backend == "native" else None
     if op == "lm_kernels" and backend == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
             return "the liger_kernel package is not installed (pip install liger-kernel)"
@@ -110,6 +110,8 @@ def _attention_error(backend: str, device: torch.device, dtype: torch.dtype | No
         return f"FlashAttention takes float16/bfloat16, got {dtype}"
     if backend == "flash":
         return _capability_error(device)
+    if backend == "native" and (device.type != "cpu" or dtype not in (None, torch.float32)):
+        return f"fastnest._C's attention takes float32 CPU tensors, got {dtype} on {device.type}"
     if backend == "flex" and backward and device.type != "cuda":
         return f"FlexAttention's backward needs CUDA tensors, got {device.type} (its forward runs there)"
     return None
@@ -147,7 +149,8 @@ def check_backend(op: str, backend: str | None) -> str:
 
 def _auto_attention(device: torch.device, dtype: torch.dtype | None, backward: bool) -> str:
     if device.type != "cuda":
-        return "sdpa"
+        # measured faster than SDPA at every packed length (bench/results/2026-12-02-cpu-native-attention/)
+        return "native" if device.type == "cpu" and dtype == torch.float32 and native_available() else "sdpa"
     reasons = {}
     for candidate in ("flash", "xformers"):
         reason = _process_error("attention", candidate) or _attention_error(candidate, device, dtype, backward)
@@ -184,7 +187,8 @@ def resolve_backend(
     ``fastnest._C`` is built, else ``"torch"``. ``lm_kernels``, auto: ``"native"`` on CPU when built, else
     ``"torch"`` (Liger's only when asked for). Attention, auto: on CUDA, flash (when installed and ``dtype`` is
     fp16/bf16 on compute capability >= 8.0), else xformers (when installed), else sdpa with a warning naming why
-    neither could run; elsewhere sdpa; FlexAttention only when asked for.
+    neither could run; on CPU, float32: native (fastnest._C's, when built), else sdpa; elsewhere sdpa;
+    FlexAttention only when asked for.
     A named backend is returned as is, or ValueError says why it cannot run; nothing falls back silently.
     """
     device = torch.device(device)

@@ -1,6 +1,6 @@
 """varlen_attention, every backend, against explicit per-sequence causal softmax attention in float64.
 
-sdpa runs forward and backward on CPU, flex its forward on CPU; flash, xformers and flex's backward need CUDA
+sdpa and native run forward and backward on CPU (native where fastnest._C is built), flex its forward on CPU; flash, xformers and flex's backward need CUDA
 (and the packages) and are skipped without them.
 """
 
@@ -45,6 +45,7 @@ HEADS = [(4, 4), (4, 2), (6, 1)]  # (H, Hkv): MHA, GQA, MQA
 # per backend: (device, dtype, tolerance against float64)
 SETUPS = {
     "sdpa": [("cpu", torch.float32, 1e-5), ("cpu", torch.float64, 1e-10)],
+    "native": [("cpu", torch.float32, 1e-5)],
     "flex": [("cpu", torch.float32, 1e-5), ("cuda", torch.float32, 2e-3)],
     "xformers": [("cuda", torch.float32, 2e-3), ("cuda", torch.bfloat16, 3e-2)],
     "flash": [("cuda", torch.bfloat16, 3e-2), ("cuda", torch.float16, 5e-3)],
@@ -241,13 +242,44 @@ def test_empty_sequence_in_middle_matches_no_empty():
 # --- choosing a backend ---------------------------------------------------------------------------------------
 
 
-def test_auto_resolves_to_sdpa_on_cpu_and_never_to_flex():
+def test_auto_on_cpu_is_native_for_float32_else_sdpa_and_never_flex(monkeypatch):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # sdpa on CPU is the intended choice: no warning
-        for dtype in (torch.float32, torch.bfloat16):
+        warnings.simplefilter("error")  # both are the intended CPU choices: no warning
+        native = "native" if dispatch.native_available() else "sdpa"
+        assert resolve_backend("attention", "cpu", "auto", dtype=torch.float32) == native
+        for dtype in (torch.bfloat16, torch.float64):
             assert resolve_backend("attention", "cpu", "auto", dtype=dtype) == "sdpa"
         assert resolve_backend("attention", "cpu", "sdpa", dtype=torch.float32) == "sdpa"
         assert resolve_backend("attention", "cpu", "flex", dtype=torch.float32, backward=False) == "flex"
+    monkeypatch.setattr(dispatch, "native_available", lambda: False)  # a checkout without fastnest._C built
+    assert resolve_backend("attention", "cpu", "auto", dtype=torch.float32) == "sdpa"
+
+
+@pytest.mark.skipif(not dispatch.native_available(), reason="fastnest._C is not built")
+def test_native_attention_refuses_what_its_kernel_lacks():
+    with pytest.raises(
+        ValueError,
+        match=r"attention 'native' cannot run here: fastnest._C's attention takes "
+        r"float32 CPU tensors, got torch.bfloat16 on cpu; use attention='sdpa' or 'auto'",
+    ):
+        resolve_backend("attention", "cpu", "native", dtype=torch.bfloat16)
+    info = info_for((3, 4), backend="native")
+    q, k, v = make_qkv(7, 2, 2, 16, seed=0)
+    with pytest.raises(ValueError, match=r"attention 'native' has no dropout, got dropout=0.1; use attention='sdpa'"):
+        varlen_attention(q, k, v, info, dropout=0.1)
+    q, k, v = make_qkv(7, 2, 2, 12, seed=0)
+    with pytest.raises(ValueError, match=r"head dim that is a multiple of 8, got 12; use attention='sdpa'"):
+        varlen_attention(q, k, v, info)
+    # the op itself (torch.ops.fastnest.attention_forward) checks what its kernel trusts
+    q, k, v = make_qkv(7, 2, 2, 16, seed=0)
+    cu = torch.tensor([0, 3, 7])
+    op = torch.ops.fastnest.attention_forward
+    with pytest.raises(ValueError, match=r"key rows must lie in \[0, 7\), got \[0, 9\]"):
+        op(q, k, v, torch.tensor([0, 1, 2, 3, 4, 5, 9]), cu, cu, 0.25, 0)
+    with pytest.raises(ValueError, match=r"the offsets end at 7 queries and 7 keys; q has 7 and rows 6"):
+        op(q, k, v, torch.arange(6), cu, cu, 0.25, 0)
+    with pytest.raises(ValueError, match=r"more queries than keys"):
+        op(q, k, v, torch.arange(7), cu, torch.tensor([0, 2, 7]), 0.25, 0)
 
 
 def fake_gpu(monkeypatch, capability, installed):
@@ -303,7 +335,7 @@ def test_auto_warns_when_it_falls_back_to_sdpa_on_cuda(monkeypatch, capability, 
 
 @pytest.mark.parametrize("name", ["flash2", "eager", "SDPA", ""])
 def test_error_unknown_backend(name):
-    with pytest.raises(ValueError, match=r"is not one of \('auto', 'flash', 'xformers', 'flex', 'sdpa'\)"):
+    with pytest.raises(ValueError, match=r"is not one of \('auto', 'flash', 'xformers', 'flex', 'native', 'sdpa'\)"):
         check_backend("attention", name)
     with pytest.raises(ValueError, match="is not one of"):
         info_for((2, 3), backend=name)

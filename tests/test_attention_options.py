@@ -22,7 +22,7 @@ OPTION_SETS = [
     {"s_aux": "sinks"},
     {"sliding_window": 2, "softcap": 1.5, "s_aux": "sinks"},
 ]
-SUPPORTED = {"sdpa": {"sliding_window"}, "flex": {"sliding_window", "softcap", "s_aux"}}
+SUPPORTED = {"sdpa": {"sliding_window"}, "native": {"sliding_window"}, "flex": {"sliding_window", "softcap", "s_aux"}}
 SUPPORTED |= {"flash": {"sliding_window", "softcap"}, "xformers": set()}
 
 
@@ -85,7 +85,7 @@ def test_backward_with_options(backend, device, dtype, tol, options):
     [
         ("sdpa", "softcap", 30.0, r"\('flash', 'flex'\)"),
         ("sdpa", "s_aux", "sinks", r"\('flex',\)"),
-        ("xformers", "sliding_window", 3, r"\('flash', 'flex', 'sdpa'\)"),
+        ("xformers", "sliding_window", 3, r"\('flash', 'flex', 'native', 'sdpa'\)"),
     ],
 )
 def test_error_option_not_supported_names_the_backends_that_are(backend, option, value, supported):

@@ -1,7 +1,7 @@
 """Tail queries (``VarlenInfo.tail_queries``): a last layer's attention at the read rows' tails only, against the
 float64 reference over every query, then those rows taken.
 
-sdpa runs forward and backward here; flash and xformers need CUDA (skipped without it); flex has no tails.
+sdpa and native run forward and backward here; flash and xformers need CUDA (skipped without it); flex has no tails.
 """
 
 import pytest
@@ -87,6 +87,6 @@ def test_errors_name_the_bad_input():
     with pytest.raises(ValueError, match="sum to 2 queries of 7 keys but query/key/value hold 7/7/7"):
         varlen_attention(q, k, v, tail)
     with pytest.raises(
-        ValueError, match=r"'flex' has no tail queries; backends that do: \('flash', 'xformers', 'sdpa'\)"
+        ValueError, match=r"'flex' has no tail queries; backends that do: \('flash', 'xformers', 'native', 'sdpa'\)"
     ):
         info_for((3, 4), backend="flex").tail_queries(torch.tensor([2]))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.flop_count import FlopCount, gemm_operands, time_gemms
+from fastnest.attention import VarlenInfo, varlen_attention
+from fastnest.dispatch import native_available
 
 
 def test_counts_matmuls_forward_and_backward():
@@ -37,3 +40,23 @@ def test_counts_masked_attention_at_its_visible_pairs():
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
     forward = 4 * 4 * 2 * (3 + 4 + 5)  # QK^T and PV, 2 FLOPs each per (pair, dim), 2 heads
     assert count.attention_flops == forward * 3
+
+
+@pytest.mark.skipif(not native_available(), reason="fastnest._C is not built")
+@pytest.mark.parametrize(
+    "tail, window, pairs",
+    [
+        (False, None, (1 + 2) + (1 + 2 + 3 + 4 + 5)),  # squares of 2 and 5 tokens
+        (False, 2, (1 + 2) + (1 + 2 + 2 + 2 + 2)),
+        (True, None, 3 + 4 + 5),  # rows 4 and 6 read: the second sequence's last 3 queries over its 5 keys
+    ],
+)
+def test_counts_native_attention_at_its_visible_pairs(tail, window, pairs):
+    info = VarlenInfo.from_seqlens((2, 5), backend="native")
+    q, k, v = (torch.randn(7, 2, 8, requires_grad=True) for _ in range(3))
+    if tail:
+        info, _ = info.tail_queries(torch.tensor([4, 6]))
+        q = q[info.query_index]
+    with FlopCount() as count:
+        varlen_attention(q, k, v, info, sliding_window=window).sum().backward()
+    assert count.attention_flops == 4 * 8 * 2 * pairs * 3  # 2 heads of dim 8; backward twice the forward

@@ -1,4 +1,4 @@
-"""sdpa: one ``scaled_dot_product_attention`` per sequence (anywhere; the CPU default)."""
+"""sdpa: one ``scaled_dot_product_attention`` per sequence (anywhere; the CPU default when fastnest._C is not built)."""
 
 from __future__ import annotations
 

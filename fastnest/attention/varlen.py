@@ -10,11 +10,11 @@ import torch
 
 from ..dispatch import OPS
 from ..packing import PackedSequences, check_context, cumulative_lengths, key_layout
-from . import flash, flex, sdpa, xformers
+from . import flash, flex, native, sdpa, xformers
 
 # backend -> module with ``attend(q, k, v, info, scale, dropout, **options)``, the ``OPTIONS`` it takes
 # (sliding_window, softcap, s_aux) and, where it needs one, ``prepare(info, device)``
-_BACKENDS = {"flash": flash, "xformers": xformers, "flex": flex, "sdpa": sdpa}
+_BACKENDS = {"flash": flash, "xformers": xformers, "flex": flex, "native": native, "sdpa": sdpa}
 assert tuple(_BACKENDS) == OPS["attention"]
 
 

@@ -69,4 +69,17 @@ void swiglu_backward(const void* dh, const void* gate, const void* up, void* dga
 void rotary(const void* x, int64_t x_stride, const void* cos, const void* sin, void* out, int64_t tokens,
             int64_t heads, int64_t dim, bool backward, DType dtype, int num_threads);
 
+// Causal attention over packed sequences (kernels/cpu/attention.cpp says how), float32. q [Tq, heads, dim] with
+// row stride q_stride (heads contiguous in a row), k/v [Tk, kv_heads, dim] likewise; sequence s: queries cu_q[s] to
+// cu_q[s+1], keys key_rows[cu_k[s]] to key_rows[cu_k[s+1] - 1], bottom-right aligned; window 0 is none. Forward:
+// out [Tq, heads, dim] and lse [Tq, heads] (of the scaled scores). Backward from the contiguous gradient of out:
+// dq [Tq, heads, dim], and dk/dv per key position [cu_k[seqs], kv_heads, dim] (the caller sums shared rows).
+void attention_forward(const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v,
+                       int64_t v_stride, const int64_t* key_rows, const int64_t* cu_q, const int64_t* cu_k,
+                       int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, float scale, int64_t window,
+                       float* out, float* lse, int num_threads);
+void attention_backward(const float* dout, const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                        const float* v, int64_t v_stride, const float* out, const float* lse, const int64_t* key_rows,
+                        const int64_t* cu_q, const int64_t* cu_k, int64_t seqs, int64_t heads, int64_t kv_heads,
+                        int64_t dim, float scale, int64_t window, float* dq, float* dk, float* dv, int num_threads);
 }  // namespace fastnest

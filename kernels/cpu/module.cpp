@@ -301,6 +301,69 @@ PyObject* rotary(PyObject*, PyObject* args) {
     });
 }
 
+template <typename T>
+T* ptr(unsigned long long p) {
+    return reinterpret_cast<T*>(p);
+}
+
+bool check_attention(long long seqs, long long heads, long long kv_heads, long long dim, long long window,
+                     int threads) {
+    if (!check_positive("seqs", seqs) || !check_positive("heads", heads) || !check_positive("kv_heads", kv_heads) ||
+        !check_positive("dim", dim) || !check_positive("num_threads", threads))
+        return false;
+    if (window < 0) {
+        PyErr_Format(PyExc_ValueError, "window must be >= 0 (0: none), got %lld", window);
+        return false;
+    }
+    return true;
+}
+
+PyObject* attention_forward(PyObject*, PyObject* args) {
+    unsigned long long q, k, v, key_rows, cu_q, cu_k, out, lse;
+    long long q_stride, k_stride, v_stride, seqs, heads, kv_heads, dim, window;
+    float scale;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLKLKLKKKLLLLfLKKi:attention_forward", &q, &q_stride, &k, &k_stride, &v, &v_stride,
+                          &key_rows, &cu_q, &cu_k, &seqs, &heads, &kv_heads, &dim, &scale, &window, &out, &lse,
+                          &threads))
+        return nullptr;
+    if (!check_attention(seqs, heads, kv_heads, dim, window, threads) || !check_pointer("q", q) ||
+        !check_pointer("k", k) || !check_pointer("v", v) || !check_pointer("key_rows", key_rows) ||
+        !check_pointer("cu_q", cu_q) || !check_pointer("cu_k", cu_k) || !check_pointer("out", out) ||
+        !check_pointer("lse", lse))
+        return nullptr;
+    return run([&] {
+        fastnest::attention_forward(ptr<const float>(q), q_stride, ptr<const float>(k), k_stride, ptr<const float>(v),
+                                    v_stride, ptr<const int64_t>(key_rows), ptr<const int64_t>(cu_q),
+                                    ptr<const int64_t>(cu_k), seqs, heads, kv_heads, dim, scale, window,
+                                    ptr<float>(out), ptr<float>(lse), threads);
+    });
+}
+
+PyObject* attention_backward(PyObject*, PyObject* args) {
+    unsigned long long dout, q, k, v, out, lse, key_rows, cu_q, cu_k, dq, dk, dv;
+    long long q_stride, k_stride, v_stride, seqs, heads, kv_heads, dim, window;
+    float scale;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKLKLKLKKKKKLLLLfLKKKi:attention_backward", &dout, &q, &q_stride, &k, &k_stride, &v,
+                          &v_stride, &out, &lse, &key_rows, &cu_q, &cu_k, &seqs, &heads, &kv_heads, &dim, &scale,
+                          &window, &dq, &dk, &dv, &threads))
+        return nullptr;
+    if (!check_attention(seqs, heads, kv_heads, dim, window, threads) || !check_pointer("dout", dout) ||
+        !check_pointer("q", q) || !check_pointer("k", k) || !check_pointer("v", v) || !check_pointer("out", out) ||
+        !check_pointer("lse", lse) || !check_pointer("key_rows", key_rows) || !check_pointer("cu_q", cu_q) ||
+        !check_pointer("cu_k", cu_k) || !check_pointer("dq", dq) || !check_pointer("dk", dk) ||
+        !check_pointer("dv", dv))
+        return nullptr;
+    return run([&] {
+        fastnest::attention_backward(ptr<const float>(dout), ptr<const float>(q), q_stride, ptr<const float>(k),
+                                     k_stride, ptr<const float>(v), v_stride, ptr<const float>(out),
+                                     ptr<const float>(lse), ptr<const int64_t>(key_rows), ptr<const int64_t>(cu_q),
+                                     ptr<const int64_t>(cu_k), seqs, heads, kv_heads, dim, scale, window,
+                                     ptr<float>(dq), ptr<float>(dk), ptr<float>(dv), threads);
+    });
+}
+
 PyMethodDef methods[] = {
     {"gelu_forward", gelu_forward, METH_VARARGS,
      "gelu_forward(pre, bias, h, rows, cols, dtype, approximate, num_threads): h = gelu(pre + bias); with a bias "
@@ -330,12 +393,18 @@ PyMethodDef methods[] = {
     {"rotary", rotary, METH_VARARGS,
      "rotary(x, x_stride, cos, sin, out, tokens, heads, dim, backward, dtype, num_threads): out = x * cos + "
      "rotate_half(x) * sin per token (backward: the transposed map), out [tokens, heads, dim] contiguous."},
+    {"attention_forward", attention_forward, METH_VARARGS,
+     "attention_forward(q, q_stride, k, k_stride, v, v_stride, key_rows, cu_q, cu_k, seqs, heads, kv_heads, dim, "
+     "scale, window, out, lse, num_threads): packed causal attention, float32 (kernels.h)."},
+    {"attention_backward", attention_backward, METH_VARARGS,
+     "attention_backward(dout, q, q_stride, k, k_stride, v, v_stride, out, lse, key_rows, cu_q, cu_k, seqs, heads, "
+     "kv_heads, dim, scale, window, dq, dk, dv, num_threads): its gradients, dk/dv per key position."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fastnest._C",
-    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy, RMSNorm, SwiGLU, rotary); "
+    "Native CPU kernels of fastnest (GELU, multi-scale pooling, fold, cross-entropy, RMSNorm, SwiGLU, rotary, attention); "
     "see fastnest/ops/*/native.py.",
     -1,
     methods, nullptr, nullptr, nullptr, nullptr,
