@@ -96,9 +96,10 @@ def _backward(
     """dq, and dk/dv per key position ``[len(rows), Hkv, d]``."""
     _check(q, k, v, rows, cu_q, cu_k)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:2]:
-        raise ValueError(
-            f"dout/out/lse shapes {tuple(dout.shape)}/{tuple(out.shape)}/{tuple(lse.shape)} do not match q's {tuple(q.shape)}"
-        )
+        shapes = "/".join(str(tuple(t.shape)) for t in (dout, out, lse))
+        raise ValueError(f"dout/out/lse shapes {shapes} do not match q's {tuple(q.shape)}")
+    if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (dout, out, lse)):
+        raise ValueError("dout, out and lse must be contiguous float32 (the kernel reads them densely)")
     dq = torch.empty_like(out)
     dk, dv = (k.new_empty(len(rows), k.shape[1], k.shape[2]) for _ in range(2))
     extension().attention_backward(

@@ -128,11 +128,11 @@ struct Scratch {
     Scratch(int64_t max_keys, int64_t D, bool backward) {
         const int64_t mp = round_up(std::max<int64_t>(max_keys, 1), BK);
         kt.resize(D * mp);
-        vb.resize(mp * D);
         s.resize(R * mp);
         a.resize(R * D);
         b.resize(R * D);
         o.resize(R * D);
+        if (!backward) vb.resize(mp * D);
         if (backward) {
             vt.resize(D * mp);
             kb.resize(mp * D);
@@ -156,6 +156,13 @@ FASTNEST_INLINE void gather_keys(const float* src, int64_t stride, const int64_t
         for (int64_t d = 0; d < D; ++d) std::fill(BT + d * mp + m, BT + (d + 1) * mp, 0.0f);
 }
 
+// dst [R][D] = factor * rows t0 .. t0 + rows - 1 of src (row t at src + t * stride), zero past rows.
+FASTNEST_INLINE void load_rows(const float* src, int64_t stride, int64_t t0, int rows, int64_t D, float factor,
+                               float* dst) {
+    for (int r = 0; r < R; ++r)
+        for (int64_t d = 0; d < D; ++d) dst[r * D + d] = r < rows ? src[(t0 + r) * stride + d] * factor : 0.0f;
+}
+
 // Row block [i0, i0 + rows) of a sequence: the key range its score tiles cover (multiples of BK).
 struct Block {
     int64_t j0, j1, hi;  // tiles [j0, j1); keys past hi are seen by no row of the block
@@ -167,6 +174,7 @@ FASTNEST_INLINE Block block_keys(int64_t i0, int rows, int64_t off, int64_t m, i
 
 FASTNEST_MULTIVERSION void forward_task(const Problem& P, int64_t s, int64_t h, Scratch& w) {
     const int64_t D = P.dim, n = P.cu_q[s + 1] - P.cu_q[s], m = P.cu_k[s + 1] - P.cu_k[s], off = m - n;
+    if (n == 0) return;  // no query: nothing to write (its keys are read by no one)
     const int64_t hk = h / (P.heads / P.kv_heads), mp = round_up(m, BK);
     const int64_t* rows = P.key_rows + P.cu_k[s];
     gather_keys(P.k + hk * D, P.k_stride, rows, m, D, w.kt.data(), mp, nullptr);
@@ -174,9 +182,7 @@ FASTNEST_MULTIVERSION void forward_task(const Problem& P, int64_t s, int64_t h, 
     float* S = w.s.data();
     for (int64_t i0 = 0; i0 < n; i0 += R) {
         const int rows_here = static_cast<int>(std::min<int64_t>(R, n - i0));
-        for (int r = 0; r < R; ++r)
-            for (int64_t d = 0; d < D; ++d)
-                w.a[r * D + d] = r < rows_here ? P.q[(P.cu_q[s] + i0 + r) * P.q_stride + h * D + d] * P.scale : 0.0f;
+        load_rows(P.q + h * D, P.q_stride, P.cu_q[s] + i0, rows_here, D, P.scale, w.a.data());
         const Block blk = block_keys(i0, rows_here, off, m, P.window);
         scores(w.a.data(), D, w.kt.data(), mp, blk.j0, blk.j1, S);
         float inv[R] = {};
@@ -220,18 +226,14 @@ FASTNEST_MULTIVERSION void backward_task(const Problem& P, int64_t s, int64_t hk
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < n; i0 += R) {
             const int rows_here = static_cast<int>(std::min<int64_t>(R, n - i0));
+            const int64_t t0 = P.cu_q[s] + i0;
+            load_rows(P.q + h * D, P.q_stride, t0, rows_here, D, P.scale, qs);
+            load_rows(P.dout + h * D, P.heads * D, t0, rows_here, D, 1.0f, go);
             float lse[R] = {}, delta[R] = {};
-            for (int r = 0; r < R; ++r) {
-                const int64_t t = P.cu_q[s] + i0 + r;
-                for (int64_t d = 0; d < D; ++d) {
-                    qs[r * D + d] = r < rows_here ? P.q[t * P.q_stride + h * D + d] * P.scale : 0.0f;
-                    go[r * D + d] = r < rows_here ? P.dout[(t * P.heads + h) * D + d] : 0.0f;
-                }
-                if (r < rows_here) {
-                    lse[r] = P.lse[t * P.heads + h];
-                    const float* o = P.out + (t * P.heads + h) * D;
-                    for (int64_t d = 0; d < D; ++d) delta[r] += go[r * D + d] * o[d];
-                }
+            for (int r = 0; r < rows_here; ++r) {
+                lse[r] = P.lse[(t0 + r) * P.heads + h];
+                const float* o = P.out + ((t0 + r) * P.heads + h) * D;
+                for (int64_t d = 0; d < D; ++d) delta[r] += go[r * D + d] * o[d];
             }
             const Block blk = block_keys(i0, rows_here, off, m, P.window);
             scores(qs, D, w.kt.data(), mp, blk.j0, blk.j1, S);
@@ -275,10 +277,19 @@ void check(const Problem& P) {
             throw std::invalid_argument("attention: a sequence has more queries than keys");
 }
 
-int64_t max_keys(const Problem& P) {
-    int64_t out = 0;
-    for (int64_t s = 0; s < P.seqs; ++s) out = std::max(out, P.cu_k[s + 1] - P.cu_k[s]);
-    return out;
+// Checks P, then runs task(P, s, head, scratch) for every sequence s and head in 0 .. heads - 1 on the threads,
+// each thread with its own scratch.
+template <typename Task>
+void run_tasks(const Problem& P, int64_t heads, bool backward, int num_threads, Task task) {
+    check(P);
+    int64_t keys = 0;
+    for (int64_t s = 0; s < P.seqs; ++s) keys = std::max(keys, P.cu_k[s + 1] - P.cu_k[s]);
+#pragma omp parallel num_threads(num_threads)
+    {
+        Scratch w(keys, P.dim, backward);
+#pragma omp for schedule(dynamic)
+        for (int64_t t = 0; t < P.seqs * heads; ++t) task(P, t / heads, t % heads, w);
+    }
 }
 
 }  // namespace
@@ -289,15 +300,7 @@ void attention_forward(const float* q, int64_t q_stride, const float* k, int64_t
                        float* out, float* lse, int num_threads) {
     Problem P{q, k, v, nullptr, nullptr, nullptr, out, lse, nullptr, nullptr, nullptr, key_rows, cu_q, cu_k,
               seqs, heads, kv_heads, dim, q_stride, k_stride, v_stride, window, scale};
-    check(P);
-    const int64_t keys = max_keys(P);
-#pragma omp parallel num_threads(num_threads)
-    {
-        Scratch w(keys, dim, false);
-#pragma omp for schedule(dynamic)
-        for (int64_t t = 0; t < seqs * heads; ++t)
-            if (cu_q[t / heads + 1] > cu_q[t / heads]) forward_task(P, t / heads, t % heads, w);
-    }
+    run_tasks(P, heads, false, num_threads, forward_task);
 }
 
 void attention_backward(const float* dout, const float* q, int64_t q_stride, const float* k, int64_t k_stride,
@@ -306,14 +309,7 @@ void attention_backward(const float* dout, const float* q, int64_t q_stride, con
                         int64_t dim, float scale, int64_t window, float* dq, float* dk, float* dv, int num_threads) {
     Problem P{q, k, v, out, lse, dout, nullptr, nullptr, dq, dk, dv, key_rows, cu_q, cu_k,
               seqs, heads, kv_heads, dim, q_stride, k_stride, v_stride, window, scale};
-    check(P);
-    const int64_t keys = max_keys(P);
-#pragma omp parallel num_threads(num_threads)
-    {
-        Scratch w(keys, dim, true);
-#pragma omp for schedule(dynamic)
-        for (int64_t t = 0; t < seqs * kv_heads; ++t) backward_task(P, t / kv_heads, t % kv_heads, w);
-    }
+    run_tasks(P, kv_heads, true, num_threads, backward_task);
 }
 
 }  // namespace fastnest
