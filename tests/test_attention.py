@@ -280,6 +280,10 @@ def test_native_attention_refuses_what_its_kernel_lacks():
         op(q, k, v, torch.arange(6), cu, cu, 0.25, 0)
     with pytest.raises(ValueError, match=r"more queries than keys"):
         op(q, k, v, torch.arange(7), cu, torch.tensor([0, 2, 7]), 0.25, 0)
+    out, lse = op(q, k, v, torch.arange(7), cu, cu, 0.25, 0)
+    strided = torch.randn(7, 2, 32)[..., ::2]
+    with pytest.raises(ValueError, match=r"dout, out and lse must be contiguous float32"):
+        torch.ops.fastnest.attention_backward(strided, q, k, v, out, lse, torch.arange(7), cu, cu, 0.25, 0)
 
 
 def fake_gpu(monkeypatch, capability, installed):
