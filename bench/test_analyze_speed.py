@@ -12,8 +12,15 @@ correctness matrices non-trivial), the built-in evaluation split (400 samples, b
   row's text before the image across scales);
 - ``fastnest, every query``: the same with the last layer's attention at every query (no tail queries,
   ``VarlenInfo.tail_queries``: the analysis before them);
-- ``released``: tools/released_eval.py, one padded pass per scale through the unpatched model, full logits.
-Target: fastnest <= 0.35x the released workflow's time (median of the rounds' ratios).
+- ``released``: tools/released_eval.py, one padded pass per scale through the unpatched model, full logits;
+  each scale's pass over the data reads and collates the samples again, as the released repository evaluates
+  one scale per run;
+- ``released, shared batches``: the same passes, each batch collated once and run at every scale (faster than
+  the released workflow: a stricter reference).
+Target: fastnest <= 0.35x the released workflow's time (median of the rounds' ratios); the ratios against the
+shared-batches reference are printed beside it. Both workflows run in one process with freed host memory kept
+mapped (``fastnest.host_memory``, what the ``fastnest`` command does), so neither page-faults its temporaries in
+again every batch.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 import fastnest
 from bench.conftest import SUMMARIES
 from fastnest.attention import VarlenInfo
+from fastnest.host_memory import retain_freed_memory
 from fastnest.scales import DEFAULT_SCALES
 from fastnest.train.analyze import evaluate
 from fastnest.train.data_llava import BadSamples, Collator, SyntheticExamples
@@ -41,8 +49,9 @@ from tools.released_eval import released_evaluate
 TARGET = 0.35
 SAMPLES, BATCH, MAX_LENGTH = 400, 16, 4096
 TRAIN_STEPS, ROUNDS = 60, 3
-VARIANTS = ("fastnest", "fastnest, unshared", "fastnest, every query", "released")
+VARIANTS = ("fastnest", "fastnest, unshared", "fastnest, every query", "released", "released, shared batches")
 FASTNEST = VARIANTS[:3]
+REFERENCES = VARIANTS[3:]
 _RESULTS: dict = {}
 
 
@@ -64,6 +73,7 @@ def _train(model, processor) -> None:
 @pytest.fixture(scope="module")
 def variants():
     torch.set_num_threads(1)
+    retain_freed_memory()
     plain, processor = default_model_and_processor(seed=0)
     fast = fastnest.patch_llava(plain, scales=DEFAULT_SCALES)
     _train(fast, processor)
@@ -83,6 +93,9 @@ def variants():
         "fastnest, unshared": lambda: evaluate(unshared, processor, examples, **options).correct,
         "fastnest, every query": every_query,
         "released": lambda: released_evaluate(plain, processor, examples, **options, scales=DEFAULT_SCALES),
+        "released, shared batches": lambda: released_evaluate(
+            plain, processor, examples, **options, scales=DEFAULT_SCALES, shared_batches=True
+        ),
     }
 
 
@@ -98,11 +111,13 @@ def _rounds(variants) -> dict:
             t0 = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - t0)
-    released = times["released"]
     return {
         "seconds": {name: statistics.median(t) for name, t in times.items()},
-        "ratio": {name: statistics.median(a / b for a, b in zip(times[name], released)) for name in FASTNEST},
-        "same": {name: torch.equal(matrices[name], matrices["released"]) for name in FASTNEST},
+        "ratio": {
+            ref: {name: statistics.median(a / b for a, b in zip(times[name], times[ref])) for name in FASTNEST}
+            for ref in REFERENCES
+        },
+        "same": {name: torch.equal(matrices[name], matrices["released"]) for name in VARIANTS if name != "released"},
         "correct": {name: int(m.sum()) for name, m in matrices.items()},
         "entries": matrices["released"].numel(),
     }
@@ -122,16 +137,18 @@ def _summary() -> list[str]:
     lines = [
         "",
         f"analysis of {SAMPLES} samples x scales {DEFAULT_SCALES}, batch {BATCH}, {torch.get_num_threads()} thread "
-        f"(medians of {ROUNDS} alternated rounds; ratio = variant / released, per round):",
-        f"  {'variant':<24}{'seconds':>9}{'ratio':>8}{'same matrix':>13}{'correct entries':>17}",
+        f"(medians of {ROUNDS} alternated rounds; ratios = variant / reference, per round):",
+        f"  {'variant':<26}{'seconds':>9}{'/ released':>12}{'/ shared':>10}{'same matrix':>13}{'correct entries':>17}",
     ]
     for name in VARIANTS:
-        ratio = f"{r['ratio'][name]:.2f}x" if name in r["ratio"] else ""
+        ratios = [f"{r['ratio'][ref][name]:.2f}x" if name in FASTNEST else "" for ref in REFERENCES]
         same = ("yes" if r["same"][name] else "NO") if name in r["same"] else ""
         correct = f"{r['correct'][name]} / {r['entries']}"
-        lines.append(f"  {name:<24}{r['seconds'][name]:>9.2f}{ratio:>8}{same:>13}{correct:>17}")
-    verdict = "met" if r["ratio"]["fastnest"] <= TARGET else "NOT met"
-    lines.append(f"  target fastnest <= {TARGET}x released: {r['ratio']['fastnest']:.2f}x, {verdict}")
+        lines.append(f"  {name:<26}{r['seconds'][name]:>9.2f}{ratios[0]:>12}{ratios[1]:>10}{same:>13}{correct:>17}")
+    for ref in REFERENCES:
+        ratio = r["ratio"][ref]["fastnest"]
+        verdict = "met" if ratio <= TARGET else "NOT met"
+        lines.append(f"  target fastnest <= {TARGET}x {ref}: {ratio:.2f}x, {verdict}")
     return lines
 
 

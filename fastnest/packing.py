@@ -82,6 +82,13 @@ def cumulative_lengths(lengths: Sequence[int]) -> torch.Tensor:
     return cu
 
 
+def ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``cat([arange(a, a + n) for a, n in zip(starts, lengths)])`` (int64) without a loop over the ranges."""
+    starts, lengths = starts.long(), lengths.long()
+    offsets = torch.cumsum(lengths, 0) - lengths  # where each range starts in the output
+    return torch.arange(int(lengths.sum())) + (starts - offsets).repeat_interleave(lengths)
+
+
 def check_context(
     context: Sequence[int], seqlens: Sequence[int], context_lens: Sequence[int] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -124,14 +131,14 @@ def key_layout(
     read = [length if n > 0 else 0 for n, length in zip(seqlens, lens)]
     if not any(read):
         return tuple(seqlens), cumulative_lengths(seqlens), None
-    cu = cumulative_lengths(seqlens).tolist()
-    spans = []
-    for i, c in enumerate(context):
-        if read[i]:
-            spans.append(torch.arange(cu[c], cu[c] + read[i]))
-        spans.append(torch.arange(cu[i], cu[i + 1]))
+    cu = cumulative_lengths(seqlens).long()
+    own = torch.tensor(seqlens, dtype=torch.long)
+    context_start = cu[torch.tensor(context, dtype=torch.long).clamp(min=0)]
+    # each sequence's keys: the span of its context it continues (read[i] tokens), then its own tokens
+    starts = torch.stack([context_start, cu[:-1]], 1).flatten()
+    lengths = torch.stack([torch.tensor(read, dtype=torch.long), own], 1).flatten()
     seqlens_k = tuple(n + r for n, r in zip(seqlens, read))
-    return seqlens_k, cumulative_lengths(seqlens_k), torch.cat(spans)
+    return seqlens_k, cumulative_lengths(seqlens_k), ranges(starts, lengths)
 
 
 def pack_sequences(

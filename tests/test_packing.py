@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastnest.packing import pack_sequences, pad_packed
+from fastnest.packing import pack_sequences, pad_packed, ranges
 
 IGN = -100
 IMG = 99  # image placeholder id
@@ -314,3 +314,11 @@ def test_pad_packed_where_finds_target_logits(left):
     index, _, where = pad_packed(packed, -1, left)
     assert index.reshape(-1)[where[packed.logit_index]].tolist() == [10, 11, 30]
     assert packed.targets.tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("starts, lengths", [((3, 0, 7), (2, 0, 3)), ((5,), (4,)), ((), ()), ((1, 1), (0, 0))])
+def test_ranges_concatenates_aranges(starts, lengths):
+    expected = [p for a, n in zip(starts, lengths) for p in range(a, a + n)]
+    got = ranges(torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long))
+    assert got.dtype == torch.int64
+    assert got.tolist() == expected

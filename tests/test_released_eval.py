@@ -84,6 +84,9 @@ def test_evaluate_gives_the_released_workflows_correctness_matrix(trained):
     # not a vacuous agreement: the model answers some samples and fails others
     assert 0 < int(released[decisive].sum()) < int(decisive.sum())
     assert released[-1].all() == released[-1].any()  # the text-only row: one answer for every scale
+    # one data pass per scale (as released) and one pass running every scale per batch: the same passes
+    shared = released_evaluate(plain, processor, examples, **options, scales=TINY_SCALES, shared_batches=True)
+    assert torch.equal(shared, released)
 
 
 def test_released_correct_is_exact_match_of_every_labelled_token():

@@ -8,6 +8,11 @@ every labelled position is the reference token, the correctness matrix ``[sample
 ``fastnest.train.analyze.evaluate`` gives from one packed prefill. Written against the UNPATCHED Hugging Face
 model; only the batching (``released_evaluate``) uses fastnest's collator, so both workflows score the very
 same padded batches.
+
+The released repository evaluates one scale per run (``matryoshka_vis_token_scale`` is a model argument of
+each evaluation), so every scale's pass reads and preprocesses the data again: ``released_evaluate`` does that
+by default. ``shared_batches=True`` collates each batch once for all its scales, which the released workflow
+does not do (a faster reference: the analysis benchmark times both).
 """
 
 from __future__ import annotations
@@ -37,21 +42,38 @@ def released_correct(
 
 @torch.no_grad()
 def released_evaluate(
-    model, processor, examples, *, batch_size: int, max_length: int, system: str, bad, scales: tuple[int, ...]
+    model,
+    processor,
+    examples,
+    *,
+    batch_size: int,
+    max_length: int,
+    system: str,
+    bad,
+    scales: tuple[int, ...],
+    shared_batches: bool = False,
 ) -> torch.Tensor:
     """bool ``[samples, scales]`` over ``examples`` (``__len__`` + ``example(i, bad)``), batched as
-    ``evaluate`` batches them (same collator, same order)."""
+    ``evaluate`` batches them (same collator, same order): one pass over the data per scale, or with
+    ``shared_batches`` one pass whose batches run every scale."""
     from fastnest.train.analyze import collated_batches
     from fastnest.train.data_llava import Collator
 
     vision = model.config.vision_config
     collate = Collator(processor, (vision.image_size // vision.patch_size) ** 2, max_length, system)
+
+    def one_pass(pass_scales: tuple[int, ...]) -> torch.Tensor:
+        rows = [
+            released_correct(model, **batch.inputs, scales=pass_scales)
+            for _, batch in collated_batches(examples, collate, batch_size, bad)
+        ]
+        return torch.cat(rows) if rows else torch.zeros(0, len(pass_scales), dtype=torch.bool)
+
     was_training = model.training
     model.eval()
-    rows = []
     try:
-        for _, batch in collated_batches(examples, collate, batch_size, bad):
-            rows.append(released_correct(model, **batch.inputs, scales=scales))
+        if shared_batches:
+            return one_pass(tuple(scales))
+        return torch.cat([one_pass((scale,)) for scale in scales], dim=1)
     finally:
         model.train(was_training)
-    return torch.cat(rows) if rows else torch.zeros(0, len(scales), dtype=torch.bool)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..dispatch import OPS
-from ..packing import PackedSequences, check_context, cumulative_lengths, key_layout
+from ..packing import PackedSequences, check_context, cumulative_lengths, key_layout, ranges
 from . import flash, flex, native, sdpa, xformers
 
 # backend -> module with ``attend(q, k, v, info, scale, dropout, **options)``, the ``OPTIONS`` it takes
@@ -76,7 +76,7 @@ class VarlenInfo:
         first = ends[1:].clone().scatter_reduce_(0, sequence, rows, "amin")  # a sequence with no row: its end
         lengths = ends[1:] - first
         cu_q = cumulative_lengths(lengths.tolist())
-        query_index = torch.arange(int(cu_q[-1])) + (first - cu_q[:-1]).repeat_interleave(lengths)
+        query_index = ranges(first, lengths)
         picks = rows - first[sequence] + cu_q[:-1].long()[sequence]
         # the keys' packed positions recomputed on the host (reading key_index back would wait for the device)
         keys = key_layout(self.seqlens_q, self.context, self.context_lens)[2]
